@@ -1,0 +1,48 @@
+"""The `sglang.srt.plugins` entry point: checks the SGLang release, registers the runtime hooks.
+
+SGLang calls `load()` in every server process (tokenizer manager, schedulers, detokenizer) and only
+logs a plugin's exceptions, so the plugin reports its own state: the scheduler adds an `sgl_merge`
+entry to its internal state, which `/server_info` returns under `internal_states`. `sgl-merge
+serve` reads it before it reports the server ready.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sgl_merge import __version__
+from sgl_merge.compat import check_sglang_version
+
+logger = logging.getLogger("sgl_merge")
+
+INTERNAL_STATE_TARGET = (
+    "sglang.srt.managers.scheduler_components.internal_state."
+    "SchedulerInternalStateController.get_internal_state"
+)
+
+_status: dict = {"active": False, "version": __version__}
+
+
+def status() -> dict:
+    """This process's view of the plugin: active, versions, and the hooks it registered."""
+    return dict(_status)
+
+
+def _report_status(result, *args, **kwargs):
+    """AFTER hook on the scheduler's internal-state readback: add the plugin's status."""
+    result.internal_state["sgl_merge"] = status()
+    return result
+
+
+def load() -> None:
+    """Entry point. Refuses (raises, which SGLang logs) on any SGLang other than the pinned one."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    sglang_version = check_sglang_version()
+    hooks = [(INTERNAL_STATE_TARGET, _report_status, HookType.AFTER)]
+    for target, fn, kind in hooks:
+        HookRegistry.register(target, fn, kind)
+    _status.update(
+        active=True, sglang_version=sglang_version, hooks=[target for target, _, _ in hooks]
+    )
+    logger.info("sgl-merge %s active on sglang %s", __version__, sglang_version)

@@ -1,0 +1,192 @@
+"""Start, watch and stop an SGLang server with the sgl-merge plugin: used by `sgl-merge serve`,
+`sgl-merge demo` and the test fixtures.
+
+The server runs as `python -m sglang.launch_server` in its own process group, so stopping it (or
+Ctrl-C on the launcher) takes down the scheduler and detokenizer children too. Readiness means more
+than /health: the scheduler process must report the plugin active, since SGLang only logs plugin
+failures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import requests
+
+from sgl_merge import __version__
+from sgl_merge.cpu import cpu_engine_env
+
+# Settings a CPU server needs (or that keep it small and quick), each applied only when the user
+# did not pass the flag. See ../shared/notes/sglang-0.5.23.md.
+CPU_DEFAULT_FLAGS: list[tuple[str, str | None]] = [
+    ("--device", "cpu"),
+    ("--attention-backend", "torch_native"),
+    ("--sampling-backend", "pytorch"),
+    ("--disable-overlap-schedule", None),
+    ("--max-total-tokens", "20000"),
+]
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or never became ready with sgl-merge active."""
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            return argv[i + 1] if i + 1 < len(argv) else ""
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def has_flag(argv: list[str], flag: str) -> bool:
+    return _flag_value(argv, flag) is not None
+
+
+def wants_cpu(argv: list[str]) -> bool:
+    """CPU engine when asked for (`--device cpu`) or when no GPU is present and none was named."""
+    device = _flag_value(argv, "--device")
+    if device is not None:
+        return device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def with_cpu_defaults(argv: list[str]) -> list[str]:
+    """`argv` plus every CPU default flag the user did not set."""
+    out = list(argv)
+    for flag, value in CPU_DEFAULT_FLAGS:
+        if not has_flag(out, flag):
+            out += [flag] if value is None else [flag, value]
+    return out
+
+
+def validate_args(argv: list[str]) -> tuple[str, int]:
+    """Parse with SGLang's own parser (bad arguments get SGLang's message, exit 2); return host, port."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(prog="sgl-merge serve")
+    ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(argv)
+    return args.host, args.port
+
+
+def plugin_status(url: str, timeout: float = 5.0) -> dict | None:
+    """The sgl-merge status the scheduler reports through /server_info, or None if absent."""
+    info = requests.get(f"{url}/server_info", timeout=timeout).json()
+    for state in info.get("internal_states") or []:
+        if isinstance(state, dict) and "sgl_merge" in state:
+            return state["sgl_merge"]
+    return None
+
+
+@dataclass
+class ServerProcess:
+    """A launched `sglang.launch_server` child with the plugin; use `start()` then `stop()`."""
+
+    argv: list[str]
+    log_path: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    url: str = ""
+    status: dict | None = None
+
+    @classmethod
+    def prepare(cls, argv: list[str], log_path: str | None = None) -> "ServerProcess":
+        env = dict(os.environ)
+        if wants_cpu(argv):
+            argv = with_cpu_defaults(argv)
+            env.update(cpu_engine_env(env))
+        host, port = validate_args(argv)
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return cls(argv=argv, log_path=log_path, env=env, url=f"http://{host}:{port}")
+
+    def start(self, timeout: float = 180.0) -> "ServerProcess":
+        cmd = [sys.executable, "-m", "sglang.launch_server", *self.argv]
+        out = open(self.log_path, "ab") if self.log_path else None
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        if out:
+            out.close()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(
+                    f"SGLang server exited with code {self.proc.returncode} before it was ready"
+                    + self._log_hint()
+                )
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    self.status = plugin_status(self.url)
+                    if self.status and self.status.get("active"):
+                        return
+                    raise ServerStartError(
+                        "SGLang server is up but sgl-merge is not active in its scheduler: "
+                        f"{(self.status or {}).get('error') or 'the plugin did not load'}. "
+                        "Check that sgl-merge is installed in this environment (pip install -e .) "
+                        "and that SGLANG_PLUGINS, if set, includes sgl_merge." + self._log_hint()
+                    )
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise ServerStartError(f"SGLang server not ready after {timeout:.0f} s" + self._log_hint())
+
+    def _log_hint(self) -> str:
+        return f" (server log: {self.log_path})" if self.log_path else ""
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM the launcher (SGLang drains and stops its children), then SIGKILL whatever is
+        left of the process group, so no scheduler or detokenizer outlives the server."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + grace
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc = None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def describe(server: ServerProcess) -> str:
+    status = server.status or {}
+    return (
+        f"sgl-merge {__version__} active (sglang {status.get('sglang_version', '?')}) — "
+        f"SGLang server listening on {server.url}"
+    )

@@ -1,0 +1,192 @@
+"""Small deterministic models for tests and examples: no model hub needed.
+
+`build_tiny_model(path)` writes a Hugging Face model directory that SGLang loads like any other:
+a randomly initialised Qwen2 causal LM (seeded, so every build is bit-identical), a real byte-level
+BPE tokenizer trained on a fixed corpus, `<think>` / `</think>` as special tokens and a ChatML chat
+template. It takes a fraction of a second, so every test session builds its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", THINK_OPEN, THINK_CLOSE]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if opens_think %}<think>\n{% endif %}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Think step by step, then answer: what is 12 + 30? The answer is 42.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+    "Merge groups decode in lockstep; every branch keeps its own context.",
+    "Question: sort the list [3, 1, 2]. Answer: [1, 2, 3]. \\boxed{6}",
+    '{"action": "search", "query": "logit averaging"} {"action": "answer", "text": "yes"}',
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] { } < > , . ; : ! ? ' \" # % & _ | ~ ^ `",
+]
+
+
+def _build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return tok
+
+
+def build_tiny_model(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 384,
+    init_std: float = 0.2,
+    opens_think: bool = False,
+) -> Path:
+    """Write a small random Qwen2 model directory at `path` and return it.
+
+    `init_std` is larger than a trained model's so next-token distributions are peaked: greedy
+    decoding then has clear winners, which keeps exactness tests meaningful across kernels.
+    `opens_think=True` makes the chat template open `<think>` itself (as Qwen3-style templates do).
+    """
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_build_tokenizer(vocab_size),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=[THINK_OPEN, THINK_CLOSE],
+    )
+    tok.chat_template = CHAT_TEMPLATE.replace("opens_think", "true" if opens_think else "false")
+    tok.save_pretrained(path)
+
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        initializer_range=init_std,
+        tie_word_embeddings=False,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        torch_dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.save_pretrained(path)
+    (path / "sgl_merge_tiny.json").write_text(json.dumps({"seed": seed, "init_std": init_std}))
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`sgl-merge serve ARGV` as a child process, for tests: waits until it reports the server
+    ready with sgl-merge active, and on exit SIGTERMs it and makes sure every process of the server
+    (launcher, scheduler, detokenizer) is gone, even when the test failed."""
+
+    def __init__(self, argv: list[str], log_path: str | Path, timeout: float = 180.0):
+        self.argv, self.log_path, self.timeout = argv, Path(log_path), timeout
+        self.proc = None
+        self.url = ""
+
+    def __enter__(self) -> "ServeProcess":
+        import re
+        import subprocess
+        import sys
+        import time
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sgl_merge.cli", "serve", *self.argv],
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + self.timeout
+        try:
+            while time.monotonic() < deadline:
+                m = re.search(r"sgl-merge \S+ active .* listening on (http://\S+)", self.log())
+                if m:
+                    self.url = m.group(1)
+                    return self
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"sgl-merge serve exited {self.proc.returncode}:\n{self.tail()}")
+                time.sleep(0.5)
+            raise TimeoutError(f"sgl-merge serve not ready after {self.timeout:.0f} s:\n{self.tail()}")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def processes(self) -> list:
+        """The live processes of this server: the launcher and all its descendants."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        import subprocess
+
+        import psutil
+
+        if self.proc is None:
+            return
+        tree = self.processes()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        for p in alive:
+            p.kill()
+        self.proc.wait()
+        self.proc = None
+        if alive and exc[0] is None:
+            raise RuntimeError(
+                f"sgl-merge serve left {len(alive)} processes running after SIGTERM: "
+                f"{[p.pid for p in alive]} (killed now)"
+            )

@@ -1,0 +1,25 @@
+"""Shared fixtures: one small model and ONE real `sgl-merge serve` CPU server per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from sgl_merge.testing import ServeProcess, build_tiny_model, free_port
+
+# Flags every test server uses on top of `sgl-merge serve`'s CPU defaults: fp32 end to end so
+# outputs can be compared exactly with a Hugging Face reference.
+TEST_SERVER_FLAGS = ["--dtype", "float32", "--log-level", "warning"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, tmp_path_factory):
+    """A real SGLang server with the sgl-merge plugin, started by the `sgl-merge serve` command."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    argv = ["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS]
+    with ServeProcess(argv, log_path=log) as srv:
+        yield srv
