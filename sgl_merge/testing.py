@@ -119,8 +119,10 @@ class ServeProcess:
     ready with sgl-merge active, and on exit SIGTERMs it and makes sure every process of the server
     (launcher, scheduler, detokenizer) is gone, even when the test failed."""
 
-    def __init__(self, argv: list[str], log_path: str | Path, timeout: float = 180.0):
+    def __init__(self, argv: list[str], log_path: str | Path, timeout: float = 180.0,
+                 env: dict[str, str] | None = None):
         self.argv, self.log_path, self.timeout = argv, Path(log_path), timeout
+        self.env = env
         self.proc = None
         self.url = ""
 
@@ -130,9 +132,12 @@ class ServeProcess:
         import sys
         import time
 
+        import os
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sgl_merge.cli", "serve", *self.argv],
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(self.env or {})},
         )
         deadline = time.monotonic() + self.timeout
         try:

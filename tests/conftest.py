@@ -21,5 +21,6 @@ def server(tiny_model, tmp_path_factory):
     """A real SGLang server with the sgl-merge plugin, started by the `sgl-merge serve` command."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     argv = ["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS]
-    with ServeProcess(argv, log_path=log) as srv:
+    # A short merge-group timeout so the timeout test does not wait the default 30 s.
+    with ServeProcess(argv, log_path=log, env={"SGL_MERGE_GROUP_TIMEOUT": "4"}) as srv:
         yield srv

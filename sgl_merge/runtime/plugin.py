@@ -39,9 +39,11 @@ def load() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     sglang_version = check_sglang_version()
-    hooks = [(INTERNAL_STATE_TARGET, _report_status, HookType.AFTER)]
-    for target, fn, kind in hooks:
-        HookRegistry.register(target, fn, kind)
+    from sgl_merge.runtime.hooks import HOOKS
+
+    hooks = [(INTERNAL_STATE_TARGET, "AFTER", _report_status), *HOOKS]
+    for target, kind, fn in hooks:
+        HookRegistry.register(target, fn, HookType[kind])
     _status.update(
         active=True, sglang_version=sglang_version, hooks=[target for target, _, _ in hooks]
     )

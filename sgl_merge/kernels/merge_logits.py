@@ -1,0 +1,293 @@
+"""Merge the logits rows of each merge group, in place: the Triton kernels, their launcher, the
+plain torch reference beside them, a vectorised torch path for the CPU runtime, and the dispatch.
+
+A merge group is a set of rows of the `[N, V]` logits tensor (any rows, any order). Each group has
+per-member weights w_k (normalised to sum 1) and a mode; with member rows z_k upcast to fp32 the
+merged row is
+
+- mode 0, "logits":   m = sum_k w_k * z_k
+- mode 1, "logprobs": m = sum_k w_k * log_softmax(z_k)       (geometric mixture)
+- mode 2, "probs":    m = log(sum_k w_k * softmax(z_k))       (arithmetic mixture)
+
+and it is written, cast back to the logits dtype, into EVERY member row; rows in no group are
+never touched. A token masked to -inf in any member stays -inf in modes 0 and 1; in mode 2 it is
+-inf only when it is -inf in every member.
+
+Layout (built on the host once per batch change, e.g. with `pack_groups`):
+
+- `group_rows`    int32   [G, K_MAX]  member row indices, members first, then -1 padding;
+                                      every group has at least one member, no row is in two groups.
+- `group_weights` float32 [G, K_MAX]  weights normalised to sum 1 per group (0 for padding).
+- `group_modes`   int32   [G]         0 / 1 / 2, see `MODES`.
+
+K_MAX is the width of the table (`group_rows.shape[1]`), a compile-time constant of the kernels.
+The merge itself runs every decode step, so neither `merge_logits_triton` nor `merge_logits_torch`
+synchronises with the host: no `.item()`, no boolean-mask indexing, no Python loop over rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+MODES = {"logits": 0, "logprobs": 1, "probs": 2}
+MODE_LOGITS, MODE_LOGPROBS, MODE_PROBS = MODES["logits"], MODES["logprobs"], MODES["probs"]
+# The kernels may read module globals only when they are tl.constexpr objects.
+_LOGITS = tl.constexpr(MODE_LOGITS)
+_PROBS = tl.constexpr(MODE_PROBS)
+
+# Tile width of both kernels. Each program streams BLOCK_V contiguous values of each member row.
+BLOCK_V = 2048
+# Width of the V-chunk one log-sum-exp program reduces. Splitting each row into chunks keeps the
+# reduction grid (G x K_MAX x chunks) wide enough to fill the GPU even for a handful of rows; the
+# merge kernel combines the few partials of a member (ceil(V / LSE_CHUNK_V) of them, 19 for V=151936).
+LSE_CHUNK_V = 8 * BLOCK_V
+# 8 warps = 8 values per thread per tile: 64 registers on sm_90 (4 warps would need 112), so more
+# warps are resident to hide memory latency. Untuned; scripts/bench_merge_kernel.py measures it.
+NUM_WARPS = 8
+
+
+def pack_groups(
+    groups: Iterable[tuple[Sequence[int], Sequence[float], int | str]],
+    device: torch.device | str | None = None,
+    k_max: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Build (group_rows, group_weights, group_modes) from `(rows, weights, mode)` triples.
+
+    Host-side, once per batch change. Weights must be positive; they are normalised in fp32 here.
+    `mode` is a `MODES` key or value. `k_max` widens the table beyond the largest group (a fixed
+    width avoids recompiling the kernels when the largest group size changes).
+    """
+    groups = list(groups)
+    width = max((len(rows) for rows, _, _ in groups), default=1)
+    k_max = width if k_max is None else k_max
+    if k_max < width:
+        raise ValueError(f"k_max={k_max} is smaller than the largest group ({width} members)")
+    group_rows = torch.full((len(groups), k_max), -1, dtype=torch.int32)
+    group_weights = torch.zeros((len(groups), k_max), dtype=torch.float32)
+    group_modes = torch.empty(len(groups), dtype=torch.int32)
+    seen: set[int] = set()
+    for g, (rows, weights, mode) in enumerate(groups):
+        mode = MODES[mode] if isinstance(mode, str) else mode
+        if not rows or len(rows) != len(weights):
+            raise ValueError(f"group {g}: needs at least one row and one weight per row")
+        if mode not in MODES.values():
+            raise ValueError(f"group {g}: unknown mode {mode!r}; expected one of {MODES}")
+        if seen.intersection(rows) or len(set(rows)) != len(rows):
+            raise ValueError(f"group {g}: a row may belong to one group only, once")
+        seen.update(rows)
+        w = torch.tensor(weights, dtype=torch.float32)
+        if not bool((w > 0).all()):
+            raise ValueError(f"group {g}: weights must be positive, got {list(weights)}")
+        group_rows[g, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
+        group_weights[g, : len(rows)] = w / w.sum()
+        group_modes[g] = mode
+    return group_rows.to(device), group_weights.to(device), group_modes.to(device)
+
+
+def _check_layout(logits, group_rows, group_weights, group_modes) -> None:
+    """Shape, dtype and device checks only: tensor metadata, no host sync."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be a 2-D tensor with contiguous rows")
+    if group_rows.dtype != torch.int32 or group_modes.dtype != torch.int32 or group_weights.dtype != torch.float32:
+        raise TypeError("group_rows and group_modes must be int32, group_weights float32")
+    if group_weights.shape != group_rows.shape or group_modes.shape != group_rows.shape[:1]:
+        raise ValueError("group_weights must be [G, K_MAX] like group_rows, and group_modes [G]")
+    for t in (group_rows, group_weights, group_modes):
+        if t.device != logits.device or not t.is_contiguous():
+            raise ValueError("group tables must be contiguous and on the device of logits")
+
+
+def merge_logits_reference(
+    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor
+) -> None:
+    """The specification, in plain torch: one group at a time, straight from the formulas.
+
+    Mode 2 is written as logsumexp_k(log w_k + log_softmax(z_k)), which is log(sum_k w_k *
+    softmax(z_k)) without the underflow of tiny probabilities to 0 (and so to -inf).
+    """
+    for rows, weights, mode in zip(group_rows.tolist(), group_weights.tolist(), group_modes.tolist()):
+        members = [r for r in rows if r >= 0]
+        w = torch.tensor([wk for r, wk in zip(rows, weights) if r >= 0], device=logits.device)[:, None]
+        z = logits[members].float()
+        if mode == MODE_LOGITS:
+            merged = (w * z).sum(0)
+        elif mode == MODE_LOGPROBS:
+            merged = (w * z.log_softmax(-1)).sum(0)
+        elif mode == MODE_PROBS:
+            merged = torch.logsumexp(w.log() + z.log_softmax(-1), dim=0)
+        else:
+            raise ValueError(f"unknown merge mode {mode}")
+        logits[members] = merged.to(logits.dtype)
+
+
+def merge_logits_torch(
+    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor
+) -> None:
+    """Vectorised torch merge (the CPU runtime's path): gathers every group's members into a
+    `[G, K_MAX, V]` fp32 scratch, merges all groups at once and scatters the result back.
+
+    Every mode's formula is evaluated for every group and the group's own is selected: choosing
+    per group on the host would need a sync. Padding slots gather and rewrite the group's first
+    member: they read a value they then ignore and write the very row that member receives anyway,
+    so the duplicate index in `index_copy_` is harmless. Scratch is ~4 x G x K_MAX x V fp32.
+    """
+    n_groups, k_max = group_rows.shape
+    if n_groups == 0:
+        return
+    _check_layout(logits, group_rows, group_weights, group_modes)
+    live = (group_rows >= 0)[..., None]  # [G, K, 1]
+    rows = torch.where(live[..., 0], group_rows, group_rows[:, :1]).flatten().long()
+    z = logits.index_select(0, rows).view(n_groups, k_max, -1).float()
+    modes = group_modes.view(n_groups, 1, 1)
+    # z itself in mode 0, log_softmax(z) in modes 1 and 2.
+    y = z - torch.where(modes == MODE_LOGITS, 0.0, torch.logsumexp(z, dim=-1, keepdim=True))
+    w = group_weights.view(n_groups, k_max, 1)
+    linear = torch.where(live, w * y, 0.0).sum(1)
+    mixture = torch.logsumexp(torch.where(live, w.log() + y, -math.inf), dim=1)
+    merged = torch.where(modes[:, 0] == MODE_PROBS, mixture, linear).to(logits.dtype)
+    logits.index_copy_(0, rows, merged.unsqueeze(1).expand(-1, k_max, -1).flatten(0, 1))
+
+
+@triton.jit
+def _shift(running_max):
+    """The shift of exp(x - shift) in an online log-sum-exp: the running max, but 0 where it is
+    still -inf (only masked values seen), so that -inf - -inf never makes a nan and exp gives 0."""
+    return tl.where(running_max > -float("inf"), running_max, 0.0)
+
+
+@triton.jit
+def _lse_partials_kernel(
+    logits_ptr, stride_row, rows_ptr, modes_ptr, part_max_ptr, part_sum_ptr, V, num_chunks,
+    K_MAX: tl.constexpr, CHUNK_V: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Program (g, k, c): max and sum(exp(x - max)) of chunk c of member k of group g.
+
+    Lanes keep a running max and rescaled sum (online softmax), reduced once at the end. Padding
+    slots and mode-0 groups, which need no log-sum-exp, return at once without reading anything.
+    """
+    g = tl.program_id(0)
+    k = tl.program_id(1)
+    c = tl.program_id(2)
+    row = tl.load(rows_ptr + g * K_MAX + k)
+    mode = tl.load(modes_ptr + g)
+    if (row < 0) | (mode == _LOGITS):
+        return
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    lane_max = tl.full([BLOCK_V], -float("inf"), tl.float32)
+    lane_sum = tl.zeros([BLOCK_V], tl.float32)
+    for start in tl.range(c * CHUNK_V, c * CHUNK_V + CHUNK_V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        new_max = tl.maximum(lane_max, x)
+        shift = _shift(new_max)
+        lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
+        lane_max = new_max
+    chunk_max = tl.max(lane_max, axis=0)
+    lane_sum *= tl.exp(lane_max - _shift(chunk_max))
+    slot = (g * K_MAX + k) * num_chunks + c
+    tl.store(part_max_ptr + slot, chunk_max)
+    tl.store(part_sum_ptr + slot, tl.sum(lane_sum, axis=0))
+
+
+@triton.jit
+def _member_lse(part_max_ptr, part_sum_ptr, slot, num_chunks, CHUNKS_P2: tl.constexpr):
+    """Log-sum-exp of a whole member row from its per-chunk (max, sum) partials."""
+    idx = tl.arange(0, CHUNKS_P2)
+    mask = idx < num_chunks
+    chunk_max = tl.load(part_max_ptr + slot * num_chunks + idx, mask=mask, other=-float("inf"))
+    chunk_sum = tl.load(part_sum_ptr + slot * num_chunks + idx, mask=mask, other=0.0)
+    row_max = tl.max(chunk_max, axis=0)
+    return row_max + tl.log(tl.sum(chunk_sum * tl.exp(chunk_max - row_max), axis=0))
+
+
+@triton.jit
+def _merge_kernel(
+    logits_ptr, stride_row, rows_ptr, weights_ptr, modes_ptr, part_max_ptr, part_sum_ptr, V, num_chunks,
+    K_MAX: tl.constexpr, K_MAX_P2: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Program (g, b): merge columns [b * BLOCK_V, (b + 1) * BLOCK_V) of group g's members.
+
+    Reads every member's tile once, accumulates in fp32, then writes the merged tile to every
+    member. Groups own disjoint rows and programs disjoint tiles, so reading and writing in place
+    cannot race. The member loop runs over the group's real size (padding trails), not K_MAX.
+    Mode is a per-group runtime value; the branches on it are uniform within a program.
+    """
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_v = cols < V
+    mode = tl.load(modes_ptr + g)
+    slot = tl.arange(0, K_MAX_P2)
+    member_rows = tl.load(rows_ptr + g * K_MAX + slot, mask=slot < K_MAX, other=-1)
+    size = tl.sum((member_rows >= 0).to(tl.int32), axis=0)
+
+    linear = tl.zeros([BLOCK_V], tl.float32)  # modes 0, 1: sum_k w_k * y_k
+    mix_max = tl.full([BLOCK_V], -float("inf"), tl.float32)  # mode 2: online logsumexp_k(log w_k + y_k)
+    mix_sum = tl.zeros([BLOCK_V], tl.float32)
+    for k in tl.range(0, size):
+        row = tl.load(rows_ptr + g * K_MAX + k)
+        w = tl.load(weights_ptr + g * K_MAX + k)
+        y = tl.load(logits_ptr + row.to(tl.int64) * stride_row + cols, mask=in_v, other=0.0).to(tl.float32)
+        if mode != _LOGITS:
+            y -= _member_lse(part_max_ptr, part_sum_ptr, g * K_MAX + k, num_chunks, CHUNKS_P2)
+        if mode == _PROBS:
+            # One exp per element: rescale whichever of (running max, new term) is smaller.
+            x = tl.log(w) + y
+            hi = tl.maximum(mix_max, x)
+            ratio = tl.exp(tl.minimum(mix_max, x) - _shift(hi))
+            mix_sum = tl.where(x > mix_max, mix_sum * ratio + 1.0, mix_sum + ratio)
+            mix_max = hi
+        else:
+            linear += w * y
+    merged = linear
+    if mode == _PROBS:
+        merged = mix_max + tl.log(mix_sum)  # -inf + log(0) = -inf for tokens masked in every member
+    merged = merged.to(logits_ptr.dtype.element_ty)  # rounds to nearest even on GPU, like torch
+    for k in tl.range(0, size):
+        row = tl.load(rows_ptr + g * K_MAX + k)
+        tl.store(logits_ptr + row.to(tl.int64) * stride_row + cols, merged, mask=in_v)
+
+
+def merge_logits_triton(
+    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor
+) -> None:
+    """Triton merge: a log-sum-exp kernel, then the merge kernel.
+
+    Why two launches: modes 1 and 2 need each member's log-sum-exp over the whole row before any
+    merged value can be written, and a merge program only sees one V-tile. Fusing would need a
+    grid-wide barrier or every program re-reading whole rows; a separate reduction costs one more
+    read of the grouped rows (mode 0 groups skip it) and keeps both kernels simple and
+    bandwidth-bound. The partials scratch is 2 x G x K_MAX x ceil(V / LSE_CHUNK_V) fp32 values.
+    """
+    n_groups, k_max = group_rows.shape
+    if n_groups == 0:
+        return
+    _check_layout(logits, group_rows, group_weights, group_modes)
+    V = logits.shape[1]
+    num_chunks = triton.cdiv(V, LSE_CHUNK_V)
+    part_max = torch.empty((n_groups, k_max, num_chunks), dtype=torch.float32, device=logits.device)
+    part_sum = torch.empty_like(part_max)
+    common = dict(
+        logits_ptr=logits, stride_row=logits.stride(0), rows_ptr=group_rows, modes_ptr=group_modes,
+        part_max_ptr=part_max, part_sum_ptr=part_sum, V=V, num_chunks=num_chunks, K_MAX=k_max, BLOCK_V=BLOCK_V,
+    )
+    _lse_partials_kernel[(n_groups, k_max, num_chunks)](CHUNK_V=LSE_CHUNK_V, num_warps=NUM_WARPS, **common)
+    _merge_kernel[(n_groups, triton.cdiv(V, BLOCK_V))](
+        weights_ptr=group_weights,
+        K_MAX_P2=triton.next_power_of_2(k_max),
+        CHUNKS_P2=triton.next_power_of_2(num_chunks),
+        num_warps=NUM_WARPS,
+        **common,
+    )
+
+
+def merge_logits_(
+    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor
+) -> None:
+    """Merge in place: the Triton kernels on CUDA tensors, the vectorised torch path elsewhere."""
+    merge = merge_logits_triton if logits.is_cuda else merge_logits_torch
+    merge(logits, group_rows, group_weights, group_modes)

@@ -1,0 +1,158 @@
+"""The hook functions the plugin registers on SGLang 0.5.23, and where each one goes.
+
+Each entry of `HOOKS` names an SGLang function, how it is wrapped, and the sgl-merge function that
+does the work (in `groups` for scheduling, `sampling` for the sampling step, `spec` for input
+validation). Everything a request without `sgl_merge` touches returns to SGLang's own code at once.
+"""
+
+from __future__ import annotations
+
+from sgl_merge.runtime import sampling
+from sgl_merge.runtime.groups import GroupRegistry, member_spec
+from sgl_merge.runtime.spec import KEY, MergeSpecError, parse_member_spec
+
+_admission: GroupRegistry | None = None  # the registry of the admission pass in progress
+_registry: GroupRegistry | None = None  # this process's scheduler's (one scheduler per process)
+
+
+def registry(scheduler) -> GroupRegistry:
+    global _registry
+    reg = getattr(scheduler, "_sgl_merge_groups", None)
+    if reg is None:
+        reg = _registry = scheduler._sgl_merge_groups = GroupRegistry(scheduler)
+    return reg
+
+
+def _asks_to_merge(req) -> bool:
+    params = req.sampling_params.custom_params
+    return isinstance(params, dict) and KEY in params
+
+
+# ------------------------------------------------------------------ tokenizer process
+
+
+def verify_request(result, params, vocab_size):
+    """AFTER SamplingParams.verify: a malformed sgl_merge entry is a 400 naming the field."""
+    spec = parse_member_spec(params.custom_params)
+    if spec is not None and params.beam_width not in (None, 1):
+        raise MergeSpecError("sampling_params.beam_width cannot be combined with "
+                             "sampling_params.custom_params.sgl_merge: beam search cannot keep members in lockstep")
+    return result
+
+
+# ------------------------------------------------------------------ scheduler: arrival
+
+
+def record_requested_max_new(original, scheduler, req):
+    """AROUND Scheduler.init_req_max_new_tokens: members must agree on what they asked for,
+    before SGLang caps it by each member's own context length."""
+    if _asks_to_merge(req):
+        req._sgl_merge_requested_max_new = req.sampling_params.max_new_tokens
+    return original(scheduler, req)
+
+
+def add_to_queue(original, scheduler, req, is_retracted=False):
+    """AROUND Scheduler._add_request_to_queue: register merge-group members."""
+    if not _asks_to_merge(req):
+        return original(scheduler, req, is_retracted)
+    reg = registry(scheduler)
+    if not is_retracted:
+        try:
+            req._sgl_merge = parse_member_spec(req.sampling_params.custom_params)
+        except MergeSpecError as e:
+            reg.reject(req, str(e))
+            return None
+    if reg.on_queue(req, is_retracted):
+        return original(scheduler, req, is_retracted)
+    return None
+
+
+# ------------------------------------------------------------------ scheduler: admission
+
+
+def new_prefill_batch(original, scheduler, prefill_delayer_single_pass, running_batch):
+    """AROUND Scheduler._get_new_batch_prefill_raw: gang admission."""
+    global _admission
+    reg = getattr(scheduler, "_sgl_merge_groups", None)
+    if reg is None or not reg.groups:
+        return original(scheduler, prefill_delayer_single_pass, running_batch)
+    reg.expire()
+    queue = scheduler.waiting_queue
+    reg.hidden = [r for r in queue if reg.is_held_back(r)]
+    if reg.hidden:
+        held = set(map(id, reg.hidden))
+        scheduler.waiting_queue = [r for r in queue if id(r) not in held]
+    reg.allocatable = scheduler.get_num_allocatable_reqs(len(running_batch.reqs), running_batch=running_batch)
+    _admission = reg
+    try:
+        new_batch, running = original(scheduler, prefill_delayer_single_pass, running_batch)
+    finally:
+        _admission = None
+        scheduler.waiting_queue.extend(reg.hidden)
+        reg.hidden = []
+    reg.after_admission(new_batch, scheduler.chunked_req)
+    return new_batch, running
+
+
+def keep_groups_adjacent(result, policy, waiting_queue, *args, **kwargs):
+    """AFTER SchedulePolicy.calc_priority: members of a group follow each other in the queue."""
+    if _admission is not None and any(member_spec(r) for r in waiting_queue):
+        waiting_queue[:] = _admission.make_adjacent(waiting_queue)
+    return result
+
+
+def admit(original, adder, req, *args, **kwargs):
+    """AROUND PrefillAdder.add_one_req: the first member of a group goes in only if all fit."""
+    if _admission is not None and member_spec(req) is not None:
+        group = _admission.groups.get(member_spec(req).group)
+        first = group is not None and not any(member_spec(r) and member_spec(r).group == group.key
+                                              for r in adder.can_run_list)
+        if first and (verdict := _admission.group_fits(adder, req)) is not None:
+            return verdict
+    return original(adder, req, *args, **kwargs)
+
+
+# ------------------------------------------------------------------ scheduler: retraction, aborts
+
+
+def retract(original, batch, *args, **kwargs):
+    """AROUND ScheduleBatch.retract_decode: retract whole groups."""
+    sampling.retracting = True
+    try:
+        retracted, ratio, aborted = original(batch, *args, **kwargs)
+    finally:
+        sampling.retracting = False
+    if _registry is not None and any(member_spec(r) for r in retracted + aborted):
+        _registry.retract_rest(batch, retracted, aborted)
+    return retracted, ratio, aborted
+
+
+def abort(result, scheduler, recv_req):
+    """AFTER Scheduler.abort_request: an abort of one member ends its whole group."""
+    reg = getattr(scheduler, "_sgl_merge_groups", None)
+    if reg is not None and reg.groups:
+        reg.on_abort(recv_req.rid or "", recv_req.abort_all)
+    return result
+
+
+# (target, kind, function); kind is a HookType name.
+HOOKS = [
+    ("sglang.srt.sampling.sampling_params.SamplingParams.verify", "AFTER", verify_request),
+    ("sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens", "AROUND", record_requested_max_new),
+    ("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", "AROUND", add_to_queue),
+    ("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", "AROUND", new_prefill_batch),
+    ("sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority", "AFTER", keep_groups_adjacent),
+    ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", "AROUND", admit),
+    ("sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", "AROUND", retract),
+    ("sglang.srt.managers.scheduler.Scheduler.abort_request", "AFTER", abort),
+    ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_from_schedule_batch", "AROUND", sampling.on_new_info),
+    ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_filter_batch", "AROUND", sampling.on_filter),
+    ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_merge_batch", "AROUND", sampling.on_merge),
+    ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.copy_for_forward", "AFTER", sampling.on_copy_for_forward),
+    ("sglang.srt.layers.sampler.Sampler.forward", "AROUND", sampling.sample),
+    ("sglang.srt.layers.sampler.Sampler._sample_from_probs", "AROUND", sampling.sample_from_probs),
+    ("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor.process_batch_result_prefill", "BEFORE", sampling.record_agreement),
+    ("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor.process_batch_result_decode", "BEFORE", sampling.record_agreement),
+    ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.is_request_level_customized_info_key", "AROUND", sampling.is_request_level_key),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", "AROUND", sampling.meta_info),
+]

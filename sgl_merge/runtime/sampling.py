@@ -1,0 +1,202 @@
+"""Merge groups in the sampling step: merge the rows, sample once, commit the leader's token.
+
+Row -> group maps live on SGLang's `SamplingBatchInfo`, which the scheduler already rebuilds,
+filters and merges exactly when the batch composition changes; the hooks on those three events
+(and on `copy_for_forward`, which copies the info for the forward pass) keep a `MergeMap` beside it.
+Per step, `Sampler.forward` then does only device work: merge the members' rows in place (after
+penalties, grammar masks and logit bias, which SGLang applied before), let SGLang sample, and
+gather every member's token from its group leader, before the ids feed the next forward.
+A batch without merge groups carries no map and takes SGLang's path untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import torch
+
+from sgl_merge.kernels.merge_logits import MODES, merge_logits_
+from sgl_merge.runtime.groups import member_spec
+
+logger = logging.getLogger("sgl_merge")
+
+ATTR = "_sgl_merge_map"
+# True while SGLang's retract_decode runs: it filters the batch one request at a time, before the
+# groups hook takes the rest of each touched group out, so partial groups are expected there.
+retracting = False
+AGREE_ATTR = "_sgl_merge_agree"
+INFO_KEY = "sgl_merge"
+
+
+@dataclass
+class MergeMap:
+    """The merge groups of one batch, row-aligned with `reqs`; tensors live on the batch device."""
+
+    reqs: list
+    group_rows: torch.Tensor  # [G, K_max] int32, -1 padded
+    group_weights: torch.Tensor  # [G, K_max] float32, rows sum to 1
+    group_modes: torch.Tensor  # [G] int32
+    leader: torch.Tensor  # [N] int64: each row's group leader (itself when ungrouped)
+    grouped: torch.Tensor  # [N] bool: row belongs to a merge group
+
+
+def build_map(reqs: list, device) -> MergeMap | None:
+    """The MergeMap for a batch of `reqs`, or None when it holds no complete merge group.
+
+    A group only partly present in the batch has lost lockstep (it cannot happen while the
+    scheduler hooks keep groups whole): its members are finished with an internal error.
+    """
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    rows_by_group: dict[str, list[int]] = {}
+    for i, req in enumerate(reqs):
+        spec = member_spec(req)
+        if spec is not None and not req.finished():
+            rows_by_group.setdefault(spec.group, []).append(i)
+    groups = []
+    for key, rows in rows_by_group.items():
+        size = member_spec(reqs[rows[0]]).size
+        if len(rows) == size:
+            groups.append(rows)
+            continue
+        if retracting:
+            continue
+        message = (f"merge group {key!r} lost lockstep: {len(rows)} of {size} members in the batch "
+                   "(internal error; please report)")
+        logger.error("sgl-merge: %s", message)
+        for i in rows:
+            reqs[i].to_finish = FINISH_ABORT(message, HTTPStatus.INTERNAL_SERVER_ERROR)
+    if not groups:
+        return None
+    # A power of two: the Triton kernel compiles once per table width, not once per group size.
+    k_max = 1 << (max(len(rows) for rows in groups) - 1).bit_length()
+    table = [rows + [-1] * (k_max - len(rows)) for rows in groups]
+    weights = []
+    for rows in groups:
+        w = [member_spec(reqs[i]).weight for i in rows]
+        weights.append([x / sum(w) for x in w] + [0.0] * (k_max - len(rows)))
+    leader = list(range(len(reqs)))
+    grouped = [False] * len(reqs)
+    for rows in groups:
+        for i in rows:
+            leader[i], grouped[i] = rows[0], True
+    return MergeMap(
+        reqs=list(reqs),
+        group_rows=torch.tensor(table, dtype=torch.int32).to(device, non_blocking=True),
+        group_weights=torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True),
+        group_modes=torch.tensor([MODES[member_spec(reqs[r[0]]).mode] for r in groups], dtype=torch.int32).to(
+            device, non_blocking=True
+        ),
+        leader=torch.tensor(leader, dtype=torch.int64).to(device, non_blocking=True),
+        grouped=torch.tensor(grouped, dtype=torch.bool).to(device, non_blocking=True),
+    )
+
+
+def _set(info, reqs: list) -> None:
+    setattr(info, ATTR, build_map(reqs, info.device) if any(member_spec(r) for r in reqs) else None)
+
+
+def _reqs(info) -> list:
+    m = getattr(info, ATTR, None)
+    return m.reqs if m is not None else []
+
+
+# ------------------------------------------------------------------ batch-change hooks
+
+
+def on_new_info(original, info, batch, vocab_size):
+    """AROUND SamplingBatchInfo.adjusted_from_schedule_batch: a new batch (prefill)."""
+    out = original(info, batch, vocab_size)
+    _set(info, batch.reqs)
+    return out
+
+
+def on_filter(original, info, keep_indices, keep_indices_device):
+    """AROUND SamplingBatchInfo.adjusted_filter_batch: finished requests left the batch."""
+    out = original(info, keep_indices, keep_indices_device)
+    m = getattr(info, ATTR, None)
+    if m is not None:
+        _set(info, [m.reqs[i] for i in keep_indices])
+    return out
+
+
+def on_merge(original, info, other):
+    """AROUND SamplingBatchInfo.adjusted_merge_batch: a prefill batch joined the running batch."""
+    out = original(info, other)
+    mine, theirs = getattr(info, ATTR, None), getattr(other, ATTR, None)
+    if mine is not None or theirs is not None:
+        # Rows without a map are plain requests; only their count matters for alignment.
+        left = mine.reqs if mine is not None else [None] * (len(info) - len(other))
+        right = theirs.reqs if theirs is not None else [None] * len(other)
+        _set(info, left + right)
+    return out
+
+
+def on_copy_for_forward(result, info):
+    """AFTER SamplingBatchInfo.copy_for_forward: the forward copy keeps the map."""
+    setattr(result, ATTR, getattr(info, ATTR, None))
+    return result
+
+
+# ------------------------------------------------------------------ the sampling step
+
+
+def sample(original, sampler, logits_output, sampling_info, *args, **kwargs):
+    """AROUND Sampler.forward: merge, sample, commit the leader's token. No host sync."""
+    m = getattr(sampling_info, ATTR, None)
+    if m is None:
+        return original(sampler, logits_output, sampling_info, *args, **kwargs)
+    logits = logits_output.next_token_logits
+    own = torch.argmax(logits, dim=-1)  # each member's own choice, for the agreement figure
+    merge_logits_(logits, m.group_rows, m.group_weights, m.group_modes)
+    ids = original(sampler, logits_output, sampling_info, *args, **kwargs)
+    ids = ids[m.leader]
+    setattr(logits_output, AGREE_ATTR, (own == ids) & m.grouped)
+    return ids
+
+
+def sample_from_probs(original, sampler, probs, sampling_info, *args, **kwargs):
+    """AROUND Sampler._sample_from_probs: members take the leader's draw before logprobs are read,
+    so the reported logprobs are those of the committed token."""
+    ids, capture = original(sampler, probs, sampling_info, *args, **kwargs)
+    m = getattr(sampling_info, ATTR, None)
+    return (ids if m is None else ids[m.leader]), capture
+
+
+def record_agreement(processor, batch, result, *args, **kwargs):
+    """BEFORE the scheduler processes a batch result (host side, where SGLang reads the ids too):
+    count each member's merged steps and the steps its own argmax matched the merged token."""
+    agree = getattr(getattr(result, "logits_output", None), AGREE_ATTR, None)
+    if agree is None:
+        return None
+    for req, ok in zip(batch.reqs, agree.tolist()):
+        spec = member_spec(req)
+        if spec is None:
+            continue
+        steps = getattr(req, "_sgl_merge_steps", 0) + 1
+        agreed = getattr(req, "_sgl_merge_agreed", 0) + int(ok)
+        req._sgl_merge_steps, req._sgl_merge_agreed = steps, agreed
+        info = {"group": spec.group, "size": spec.size, "mode": spec.mode, "weight": spec.weight,
+                "merged_steps": steps, "agreement": agreed / steps}
+        if req.customized_info is None:
+            req.customized_info = {}
+        req.customized_info[INFO_KEY] = [info]
+    return None
+
+
+def is_request_level_key(original, streamer, key):
+    """AROUND SchedulerOutputStreamer.is_request_level_customized_info_key."""
+    return key == INFO_KEY or original(streamer, key)
+
+
+def meta_info(original, manager, meta_info, state, customized_info, index, finish_reason):
+    """AROUND TokenizerManager.update_request_meta_info: members get `meta_info["sgl_merge"]` as
+    one object; requests outside merge groups get no key at all (their output stays unchanged)."""
+    ours = customized_info.get(INFO_KEY) if customized_info else None
+    if ours is not None:
+        customized_info = {k: v for k, v in customized_info.items() if k != INFO_KEY}
+        if ours[index]:
+            meta_info[INFO_KEY] = ours[index][-1]
+    return original(manager, meta_info, state, customized_info, index, finish_reason)

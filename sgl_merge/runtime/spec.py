@@ -1,0 +1,76 @@
+"""The public request contract: `sampling_params.custom_params["sgl_merge"]`.
+
+    {"group": "<unique id>", "size": K, "mode": "logits" | "logprobs" | "probs", "weight": 1.0}
+
+Parsed and validated here, once, in the tokenizer process (so bad input is a 400 that names the
+field) and again in the scheduler (which attaches the parsed spec to the request).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+KEY = "sgl_merge"
+MODES = ("logits", "logprobs", "probs")
+FIELDS = ("group", "size", "mode", "weight")
+PREFIX = f"sampling_params.custom_params.{KEY}"
+
+# Sampling parameters every member of a group must share: one token is sampled for all of them.
+SHARED_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+    "repetition_penalty", "min_new_tokens", "max_new_tokens", "stop_strs", "stop_token_ids",
+    "stop_regex_strs", "regex", "json_schema", "ebnf", "structural_tag", "ignore_eos",
+    "skip_special_tokens", "no_stop_trim", "logit_bias", "sampling_seed",
+)
+
+
+class MergeSpecError(ValueError):
+    """A request's sgl_merge entry is malformed (a 400: the message names the field)."""
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    group: str
+    size: int
+    mode: str = "logits"
+    weight: float = 1.0
+
+
+def parse_member_spec(custom_params) -> MemberSpec | None:
+    """The request's MemberSpec, None if it does not ask for merging; MergeSpecError if malformed."""
+    if not isinstance(custom_params, dict) or KEY not in custom_params:
+        return None
+    entry = custom_params[KEY]
+    if not isinstance(entry, dict):
+        raise MergeSpecError(
+            f"{PREFIX} must be an object like "
+            '{"group": "<id>", "size": K, "mode": "logits"}, '
+            f"got {type(entry).__name__}"
+        )
+    unknown = sorted(set(entry) - set(FIELDS))
+    if unknown:
+        raise MergeSpecError(f"{PREFIX} has unknown field(s) {unknown}; allowed: {list(FIELDS)}")
+    group = entry.get("group")
+    if not isinstance(group, str) or not group:
+        raise MergeSpecError(f"{PREFIX}.group must be a non-empty string unique to this merge, got {group!r}")
+    size = entry.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise MergeSpecError(f"{PREFIX}.size must be an integer >= 1 (the number of members), got {size!r}")
+    mode = entry.get("mode", "logits")
+    if mode not in MODES:
+        raise MergeSpecError(f"{PREFIX}.mode must be one of {list(MODES)}, got {mode!r}")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise MergeSpecError(f"{PREFIX}.weight must be a positive number, got {weight!r}")
+    return MemberSpec(group=group, size=size, mode=mode, weight=float(weight))
+
+
+def sampling_signature(sampling_params) -> dict:
+    """The shared sampling fields of a request, for comparing members."""
+    return {f: getattr(sampling_params, f, None) for f in SHARED_SAMPLING_FIELDS}
+
+
+def first_mismatch(a: dict, b: dict) -> str | None:
+    """The name of the first shared sampling field that differs, or None."""
+    return next((f for f in SHARED_SAMPLING_FIELDS if a.get(f) != b.get(f)), None)

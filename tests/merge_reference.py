@@ -1,0 +1,44 @@
+"""Independent references for merged decoding: Hugging Face transformers on the same weights."""
+
+from __future__ import annotations
+
+import torch
+
+# Greedy steps whose top two merged scores lie closer than this are near-ties: SGLang's CPU kernels
+# and transformers' may order them differently, so either token is accepted there.
+TIE_TOLERANCE = 1e-4
+
+
+def merge_rows(rows: torch.Tensor, mode: str, weights: list[float] | None = None) -> torch.Tensor:
+    """Merge [K, V] next-token logits into one [V] row, as the contract defines each mode."""
+    w = torch.tensor(weights or [1.0] * rows.shape[0], dtype=torch.float64)
+    w = (w / w.sum())[:, None]
+    rows = rows.double()
+    if mode == "logits":
+        return (w * rows).sum(0)
+    if mode == "logprobs":
+        return (w * torch.log_softmax(rows, -1)).sum(0)
+    if mode == "probs":
+        return torch.log((w * torch.softmax(rows, -1)).sum(0))
+    raise ValueError(mode)
+
+
+@torch.no_grad()
+def next_logits(model, contexts: list[list[int]]) -> torch.Tensor:
+    return torch.stack([model(torch.tensor([c])).logits[0, -1].float() for c in contexts])
+
+
+def check_merged_greedy(model, contexts, produced, mode, weights=None):
+    """Replay `produced` (the server's merged greedy tokens) against the reference: at each step the
+    token must be the argmax of the merged reference row (up to near-ties). Returns the step count."""
+    answer: list[int] = []
+    for step, token in enumerate(produced):
+        merged = merge_rows(next_logits(model, [c + answer for c in contexts]), mode, weights)
+        best = int(merged.argmax())
+        if token != best:
+            gap = float(merged[best] - merged[token])
+            assert gap < TIE_TOLERANCE, (
+                f"step {step}: server chose {token}, reference argmax {best} (score gap {gap:.3g})"
+            )
+        answer.append(token)
+    return len(answer)

@@ -1,0 +1,207 @@
+"""Merge groups end to end on the real CPU server: exactness against a Hugging Face reference,
+identity of members, plain requests untouched, sampling, structured output, bad input, aborts."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+import torch
+from merge_reference import check_merged_greedy, merge_rows, next_logits
+
+PROMPTS = [
+    "Think step by step: what is 12 + 30?",
+    "def add(a, b):",
+    "The quick brown fox jumps over",
+    "Merge groups decode in lockstep; every branch keeps its own context, and",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def merge_params(group: str, size: int, mode: str = "logits", weight: float | None = None, **sampling):
+    entry = {"group": group, "size": size, "mode": mode}
+    if weight is not None:
+        entry["weight"] = weight
+    return {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True, **sampling,
+            "custom_params": {"sgl_merge": entry}}
+
+
+def generate(server, input_ids, sampling_params, **extra):
+    r = requests.post(f"{server.url}/generate",
+                      json={"input_ids": input_ids, "sampling_params": sampling_params, **extra}, timeout=300)
+    return r
+
+
+def run_group(server, contexts, mode="logits", weights=None, **sampling):
+    group = uuid.uuid4().hex
+    params = [merge_params(group, len(contexts), mode, None if weights is None else weights[i], **sampling)
+              for i in range(len(contexts))]
+    r = generate(server, contexts, params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("mode", ["logits", "logprobs", "probs"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_merged_greedy_equals_reference(server, hf_model, tokenizer, k, mode):
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:k]]
+    out = run_group(server, contexts, mode)
+    ids = [o["output_ids"] for o in out]
+    assert all(x == ids[0] for x in ids), "members returned different tokens"
+    assert len(ids[0]) == 32
+    assert check_merged_greedy(hf_model, contexts, ids[0], mode) == 32
+    for o in out:
+        info = o["meta_info"]["sgl_merge"]
+        assert info["size"] == k and info["mode"] == mode and info["merged_steps"] == 32
+        assert 0.0 <= info["agreement"] <= 1.0
+
+
+def test_weights_follow_the_weighted_mean(server, hf_model, tokenizer):
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    weights = [3.0, 1.0, 0.5]
+    out = run_group(server, contexts, "logits", weights)
+    check_merged_greedy(hf_model, contexts, out[0]["output_ids"], "logits", weights)
+
+
+def test_single_member_group_equals_plain_request(server, tokenizer):
+    ctx = tokenizer.encode(PROMPTS[1])
+    merged = run_group(server, [ctx])[0]
+    plain = generate(server, ctx, {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}).json()
+    assert merged["output_ids"] == plain["output_ids"]
+    assert merged["meta_info"]["sgl_merge"]["agreement"] == 1.0
+
+
+def test_plain_requests_untouched_when_mixed_with_groups(server, tokenizer):
+    plain_ctx = [tokenizer.encode(p) for p in PROMPTS]
+    plain_params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    alone = generate(server, plain_ctx, plain_params, return_logprob=True).json()
+    results = {}
+
+    def send_group(i):
+        results[i] = run_group(server, [tokenizer.encode(p) for p in PROMPTS[:3]])
+
+    threads = [threading.Thread(target=send_group, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    mixed = generate(server, plain_ctx, plain_params, return_logprob=True).json()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, mixed):
+        assert a["output_ids"] == b["output_ids"]
+        assert a["meta_info"]["output_token_logprobs"] == b["meta_info"]["output_token_logprobs"]
+        assert "sgl_merge" not in b["meta_info"]
+    assert all(len({tuple(o["output_ids"]) for o in r}) == 1 for r in results.values())
+
+
+def test_sampled_members_agree_and_follow_the_merged_distribution(server, hf_model, tokenizer):
+    """300 groups of two at temperature 1: members always agree, and the first token's frequencies
+    match softmax(mean of the two rows) (chi-square, false-failure rate < 1e-6)."""
+    from scipy.stats import chi2
+
+    contexts = [tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[2])]
+    trials = 300
+    ids, params = [], []
+    for _ in range(trials):
+        group = uuid.uuid4().hex
+        for c in contexts:
+            ids.append(c)
+            params.append(merge_params(group, 2, temperature=1.0, top_p=1.0, max_new_tokens=3))
+    out = generate(server, ids, params).json()
+    firsts = []
+    for a, b in zip(out[0::2], out[1::2]):
+        assert a["output_ids"] == b["output_ids"]
+        firsts.append(a["output_ids"][0])
+    probs = torch.softmax(merge_rows(next_logits(hf_model, contexts), "logits"), -1)
+    # Bins: every token with expected count >= 5, the rest pooled.
+    expected = probs * trials
+    big = (expected >= 5).nonzero().flatten().tolist()
+    observed = [sum(t == tok for t in firsts) for tok in big]
+    exp = [float(expected[tok]) for tok in big]
+    observed.append(trials - sum(observed))
+    exp.append(trials - sum(exp))
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, exp) if e > 0)
+    assert stat < chi2.ppf(1 - 1e-6, df=len(observed) - 1), (observed, exp)
+
+
+def test_json_schema_group_gives_valid_json_in_every_member(server, tokenizer):
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    out = run_group(server, contexts, json_schema=json.dumps(schema), max_new_tokens=64, ignore_eos=False)
+    texts = {o["text"] for o in out}
+    assert len(texts) == 1
+    assert json.loads(texts.pop())["answer"] in ("yes", "no")
+
+
+@pytest.mark.parametrize(
+    "entry, field",
+    [
+        ({"group": "g", "size": 0}, "sgl_merge.size"),
+        ({"size": 2}, "sgl_merge.group"),
+        ("not-a-dict", "sgl_merge must be an object"),
+        ({"group": "g", "size": 2, "mode": "median"}, "sgl_merge.mode"),
+        ({"group": "g", "size": 2, "weight": -1}, "sgl_merge.weight"),
+        ({"group": "g", "size": 2, "colour": "red"}, "unknown field"),
+    ],
+)
+def test_malformed_entries_are_400_naming_the_field(server, entry, field):
+    r = generate(server, [1, 2, 3], {"max_new_tokens": 4, "custom_params": {"sgl_merge": entry}})
+    assert r.status_code == 400, r.text
+    assert field in r.text
+    assert generate(server, [1, 2, 3], {"max_new_tokens": 2}).status_code == 200
+
+
+def test_mismatched_sampling_parameters_are_rejected_naming_the_field(server, tokenizer):
+    group = uuid.uuid4().hex
+    params = [merge_params(group, 2, temperature=0), merge_params(group, 2, temperature=0.5)]
+    r = generate(server, [tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1])], params)
+    body = r.text
+    assert "temperature" in body and group in body
+    assert generate(server, [1, 2, 3], {"max_new_tokens": 2}).status_code == 200
+
+
+def test_incomplete_group_times_out_saying_how_many_arrived(server, tokenizer):
+    group = uuid.uuid4().hex
+    t0 = time.monotonic()
+    r = generate(server, tokenizer.encode(PROMPTS[0]), merge_params(group, 3))
+    waited = time.monotonic() - t0
+    assert "1 of 3 members arrived" in r.text and group in r.text
+    assert waited < 30  # the test server runs with a short group timeout
+
+
+def test_aborting_one_member_finishes_the_whole_group(server, tokenizer):
+    group = uuid.uuid4().hex
+    rids = [f"{group}-m{i}" for i in range(3)]
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    params = [merge_params(group, 3, max_new_tokens=4000) for _ in rids]
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", generate(server, contexts, params, rid=rids)))
+    t.start()
+    time.sleep(2.0)
+    requests.post(f"{server.url}/abort_request", json={"rid": rids[1]}, timeout=10)
+    t.join(timeout=60)
+    assert not t.is_alive()
+    out = result["r"].json()
+    out = out if isinstance(out, list) else [out]
+    for o in out:
+        reason = o["meta_info"]["finish_reason"] if "meta_info" in o else o
+        assert group in json.dumps(reason), o
+    lengths = {len(o.get("output_ids", [])) for o in out}
+    assert len(lengths) == 1 and max(lengths) < 4000

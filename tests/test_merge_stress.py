@@ -1,0 +1,122 @@
+"""Merge groups under load and retraction, and plain requests against stock SGLang (no plugin)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+import torch
+from merge_reference import check_merged_greedy
+
+from conftest import TEST_SERVER_FLAGS
+from sgl_merge.server import ServerProcess
+from sgl_merge.testing import ServeProcess, free_port
+
+PROMPTS = [
+    "Think step by step: what is 12 + 30?", "def add(a, b):", "The quick brown fox jumps over",
+    "Merge groups decode in lockstep", "Question: sort the list [3, 1, 2].", '{"action": "search",',
+    "0 1 2 3 4 5", "Every branch keeps its own context",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def retracting_server(tiny_model, tmp_path_factory):
+    """A server that retracts running requests every 3 forwards (SGLang's own test switch) and has
+    a small KV budget."""
+    log = tmp_path_factory.mktemp("retract") / "server.log"
+    argv = ["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS,
+            "--max-total-tokens", "3000"]
+    env = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
+    with ServeProcess(argv, log_path=log, env=env) as srv:
+        yield srv
+
+
+def test_groups_and_plain_requests_under_retraction(retracting_server, hf_model, tokenizer):
+    url = retracting_server.url
+    ids = {p: tokenizer.encode(p) for p in PROMPTS}
+    groups, results = [], {}
+    for g in range(8):
+        key = uuid.uuid4().hex
+        ctx = [ids[PROMPTS[(g + j) % len(PROMPTS)]] for j in range(4)]
+        groups.append((key, ctx))
+
+    def run_group(key, ctx):
+        params = [{"temperature": 0, "max_new_tokens": 32, "ignore_eos": True,
+                   "custom_params": {"sgl_merge": {"group": key, "size": 4}}} for _ in ctx]
+        results[key] = requests.post(f"{url}/generate", json={"input_ids": ctx, "sampling_params": params},
+                                     timeout=600).json()
+
+    def run_plain(i):
+        results[f"plain{i}"] = requests.post(
+            f"{url}/generate",
+            json={"input_ids": ids[PROMPTS[i % 8]],
+                  "sampling_params": {"temperature": 0, "max_new_tokens": 96, "ignore_eos": True}},
+            timeout=600).json()
+
+    # Plain requests first: SGLang retracts the requests with the fewest output tokens, so the
+    # groups arriving later are the ones retracted.
+    threads = [threading.Thread(target=run_plain, args=(i,)) for i in range(16)]
+    threads += [threading.Thread(target=run_group, args=g) for g in groups]
+    for i, t in enumerate(threads):
+        t.start()
+        if i == 15:
+            time.sleep(1.0)
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    retractions = 0
+    for key, ctx in groups:
+        out = results[key]
+        assert isinstance(out, list), out
+        assert len({tuple(o["output_ids"]) for o in out}) == 1, f"group {key} diverged"
+        check_merged_greedy(hf_model, ctx, out[0]["output_ids"], "logits")
+        retractions += sum(o["meta_info"]["num_retractions"] for o in out)
+    for i in range(16):
+        assert len(results[f"plain{i}"]["output_ids"]) == 96
+    assert retractions > 0, "the test did not exercise retraction"
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def stock_server(tiny_model, tmp_path_factory):
+    """The same SGLang server without the sgl-merge plugin."""
+    log = tmp_path_factory.mktemp("stock") / "server.log"
+    srv = ServerProcess.prepare(["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS],
+                                log_path=str(log))
+    srv.env["SGLANG_PLUGINS"] = "none"
+    srv.start(require_plugin=False)
+    try:
+        assert srv.status is None  # really without the plugin
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_plain_requests_are_bit_identical_without_the_plugin(server, stock_server, tokenizer):
+    body = {"input_ids": [tokenizer.encode(p) for p in PROMPTS],
+            "sampling_params": {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True},
+            "return_logprob": True, "top_logprobs_num": 3}
+    ours = requests.post(f"{server.url}/generate", json=body, timeout=300).json()
+    stock = requests.post(f"{stock_server.url}/generate", json=body, timeout=300).json()
+    for a, b in zip(ours, stock):
+        assert a["output_ids"] == b["output_ids"]
+        for key in ("output_token_logprobs", "output_top_logprobs"):
+            assert a["meta_info"][key] == b["meta_info"][key]
+        assert set(a["meta_info"]) == set(b["meta_info"])
