@@ -23,8 +23,8 @@ stop all of its processes. Every argument is SGLang's own and is passed through 
 
 On a machine without a GPU, or with --device cpu, the CPU engine settings are added unless you set
 them yourself: SGLANG_USE_CPU_ENGINE=1, --device cpu, --attention-backend torch_native,
---sampling-backend pytorch, --disable-overlap-schedule, --max-total-tokens 20000 (and a torch
-stand-in for sgl_kernel when the CUDA-only package cannot load).
+--sampling-backend pytorch, --disable-overlap-schedule, --max-total-tokens 20000, --sleep-on-idle
+(and a torch stand-in for sgl_kernel when the CUDA-only package cannot load).
 
 Examples:
   sgl-merge serve --model-path ./tiny-model --device cpu --port 30000

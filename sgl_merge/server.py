@@ -29,6 +29,8 @@ CPU_DEFAULT_FLAGS: list[tuple[str, str | None]] = [
     ("--sampling-backend", "pytorch"),
     ("--disable-overlap-schedule", None),
     ("--max-total-tokens", "20000"),
+    # Without it the idle scheduler polls in a busy loop, taking a core from the clients.
+    ("--sleep-on-idle", None),
 ]
 
 

@@ -24,3 +24,19 @@ def server(tiny_model, tmp_path_factory):
     # A short merge-group timeout so the timeout test does not wait the default 30 s.
     with ServeProcess(argv, log_path=log, env={"SGL_MERGE_GROUP_TIMEOUT": "4"}) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model):
+    """The same weights in Hugging Face transformers: the independent reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)

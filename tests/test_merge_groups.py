@@ -21,20 +21,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf_model(tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 def merge_params(group: str, size: int, mode: str = "logits", weight: float | None = None, **sampling):
     entry = {"group": group, "size": size, "mode": mode}
     if weight is not None:
@@ -105,8 +91,12 @@ def test_plain_requests_untouched_when_mixed_with_groups(server, tokenizer):
         t.join()
     for a, b in zip(alone, mixed):
         assert a["output_ids"] == b["output_ids"]
-        assert a["meta_info"]["output_token_logprobs"] == b["meta_info"]["output_token_logprobs"]
-        assert "sgl_merge" not in b["meta_info"]
+        # Other requests in the batch change CPU matmul shapes, hence the low bits of logprobs,
+        # in stock SGLang too; bit-identity without the plugin is tested one request at a time.
+        for (la, ta, _), (lb, tb, _) in zip(a["meta_info"]["output_token_logprobs"],
+                                            b["meta_info"]["output_token_logprobs"]):
+            assert ta == tb and abs(la - lb) < 1e-4
+        assert set(a["meta_info"]) == set(b["meta_info"])  # no sgl_merge key on plain requests
     assert all(len({tuple(o["output_ids"]) for o in r}) == 1 for r in results.values())
 
 
@@ -138,6 +128,20 @@ def test_sampled_members_agree_and_follow_the_merged_distribution(server, hf_mod
     exp.append(trials - sum(exp))
     stat = sum((o - e) ** 2 / e for o, e in zip(observed, exp) if e > 0)
     assert stat < chi2.ppf(1 - 1e-6, df=len(observed) - 1), (observed, exp)
+
+
+def test_members_agree_under_top_p_top_k_sampling(server, tokenizer):
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    ids, params = [], []
+    for _ in range(40):
+        group = uuid.uuid4().hex
+        for c in contexts:
+            ids.append(c)
+            params.append(merge_params(group, 3, temperature=0.8, top_p=0.9, top_k=40, max_new_tokens=16))
+    out = generate(server, ids, params).json()
+    groups = [out[i : i + 3] for i in range(0, len(out), 3)]
+    assert all(len({tuple(o["output_ids"]) for o in g}) == 1 for g in groups)
+    assert len({tuple(g[0]["output_ids"]) for g in groups}) > 1  # it really sampled
 
 
 def test_json_schema_group_gives_valid_json_in_every_member(server, tokenizer):
@@ -205,3 +209,23 @@ def test_aborting_one_member_finishes_the_whole_group(server, tokenizer):
         assert group in json.dumps(reason), o
     lengths = {len(o.get("output_ids", [])) for o in out}
     assert len(lengths) == 1 and max(lengths) < 4000
+
+
+def test_openai_completions_route_joins_a_group(server, tokenizer):
+    """Members sent as separate /v1/completions calls (custom_params as an SGLang extra field)."""
+    group = uuid.uuid4().hex
+    model = requests.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+    out = {}
+
+    def call(i):
+        out[i] = requests.post(f"{server.url}/v1/completions", timeout=300, json={
+            "model": model, "prompt": PROMPTS[i], "max_tokens": 16, "temperature": 0,
+            "custom_params": {"sgl_merge": {"group": group, "size": 2}}}).json()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    texts = [out[i]["choices"][0]["text"] for i in range(2)]
+    assert texts[0] == texts[1], out

@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 import requests
-import torch
 from merge_reference import check_merged_greedy
 
 from conftest import TEST_SERVER_FLAGS
@@ -20,20 +19,6 @@ PROMPTS = [
     "Merge groups decode in lockstep", "Question: sort the list [3, 1, 2].", '{"action": "search",',
     "0 1 2 3 4 5", "Every branch keeps its own context",
 ]
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +95,15 @@ def stock_server(tiny_model, tmp_path_factory):
 
 
 def test_plain_requests_are_bit_identical_without_the_plugin(server, stock_server, tokenizer):
-    body = {"input_ids": [tokenizer.encode(p) for p in PROMPTS],
-            "sampling_params": {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True},
-            "return_logprob": True, "top_logprobs_num": 3}
-    ours = requests.post(f"{server.url}/generate", json=body, timeout=300).json()
-    stock = requests.post(f"{stock_server.url}/generate", json=body, timeout=300).json()
-    for a, b in zip(ours, stock):
-        assert a["output_ids"] == b["output_ids"]
+    """One request at a time, so both servers run the same batch shapes (CPU matmuls give
+    slightly different low bits for different batch compositions, with or without the plugin)."""
+    for prompt in PROMPTS:
+        body = {"input_ids": tokenizer.encode(prompt),
+                "sampling_params": {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True},
+                "return_logprob": True, "top_logprobs_num": 3}
+        ours = requests.post(f"{server.url}/generate", json=body, timeout=300).json()
+        stock = requests.post(f"{stock_server.url}/generate", json=body, timeout=300).json()
+        assert ours["output_ids"] == stock["output_ids"]
         for key in ("output_token_logprobs", "output_top_logprobs"):
-            assert a["meta_info"][key] == b["meta_info"][key]
-        assert set(a["meta_info"]) == set(b["meta_info"])
+            assert ours["meta_info"][key] == stock["meta_info"][key]
+        assert set(ours["meta_info"]) == set(stock["meta_info"])

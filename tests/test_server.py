@@ -30,6 +30,7 @@ def test_cpu_defaults_were_applied(server):
     assert info["sampling_backend"] == "pytorch"
     assert info["disable_overlap_schedule"] is True
     assert info["max_total_tokens"] == 20000
+    assert info["sleep_on_idle"] is True
     assert info["dtype"] == "float32"  # the user's own flag wins over defaults
 
 

@@ -7,6 +7,8 @@ validation). Everything a request without `sgl_merge` touches returns to SGLang'
 
 from __future__ import annotations
 
+import zlib
+
 from sgl_merge.runtime import sampling
 from sgl_merge.runtime.groups import GroupRegistry, member_spec
 from sgl_merge.runtime.spec import KEY, MergeSpecError, parse_member_spec
@@ -37,6 +39,22 @@ def verify_request(result, params, vocab_size):
     if spec is not None and params.beam_width not in (None, 1):
         raise MergeSpecError("sampling_params.beam_width cannot be combined with "
                              "sampling_params.custom_params.sgl_merge: beam search cannot keep members in lockstep")
+    return result
+
+
+def dp_rank_for_group(group: str, dp_size: int) -> int:
+    """The data-parallel rank every member of `group` goes to (stable across processes)."""
+    return zlib.crc32(group.encode()) % dp_size
+
+
+def route_group(result, manager, obj, *args, **kwargs):
+    """AFTER TokenizerManager._create_tokenized_object: with --dp-size > 1, pin all members of a
+    group to one rank (unless the client pinned the request itself)."""
+    dp_size = getattr(manager.server_args, "dp_size", 1) or 1
+    if dp_size > 1 and getattr(result, "routed_dp_rank", 0) is None:
+        spec = parse_member_spec(getattr(result.sampling_params, "custom_params", None))
+        if spec is not None:
+            result.routed_dp_rank = dp_rank_for_group(spec.group, dp_size)
     return result
 
 
@@ -138,6 +156,7 @@ def abort(result, scheduler, recv_req):
 # (target, kind, function); kind is a HookType name.
 HOOKS = [
     ("sglang.srt.sampling.sampling_params.SamplingParams.verify", "AFTER", verify_request),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object", "AFTER", route_group),
     ("sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens", "AROUND", record_requested_max_new),
     ("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", "AROUND", add_to_queue),
     ("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", "AROUND", new_prefill_batch),

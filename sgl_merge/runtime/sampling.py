@@ -39,7 +39,8 @@ class MergeMap:
     group_weights: torch.Tensor  # [G, K_max] float32, rows sum to 1
     group_modes: torch.Tensor  # [G] int32
     leader: torch.Tensor  # [N] int64: each row's group leader (itself when ungrouped)
-    grouped: torch.Tensor  # [N] bool: row belongs to a merge group
+    member_rows: torch.Tensor  # [M] int64: the rows that belong to a merge group
+    members: list  # [M] the requests of those rows, in the same order
 
 
 def build_map(reqs: list, device) -> MergeMap | None:
@@ -78,10 +79,10 @@ def build_map(reqs: list, device) -> MergeMap | None:
         w = [member_spec(reqs[i]).weight for i in rows]
         weights.append([x / sum(w) for x in w] + [0.0] * (k_max - len(rows)))
     leader = list(range(len(reqs)))
-    grouped = [False] * len(reqs)
     for rows in groups:
         for i in rows:
-            leader[i], grouped[i] = rows[0], True
+            leader[i] = rows[0]
+    member_rows = [i for rows in groups for i in rows]
     return MergeMap(
         reqs=list(reqs),
         group_rows=torch.tensor(table, dtype=torch.int32).to(device, non_blocking=True),
@@ -90,7 +91,8 @@ def build_map(reqs: list, device) -> MergeMap | None:
             device, non_blocking=True
         ),
         leader=torch.tensor(leader, dtype=torch.int64).to(device, non_blocking=True),
-        grouped=torch.tensor(grouped, dtype=torch.bool).to(device, non_blocking=True),
+        member_rows=torch.tensor(member_rows, dtype=torch.int64).to(device, non_blocking=True),
+        members=[reqs[i] for i in member_rows],
     )
 
 
@@ -149,11 +151,15 @@ def sample(original, sampler, logits_output, sampling_info, *args, **kwargs):
     if m is None:
         return original(sampler, logits_output, sampling_info, *args, **kwargs)
     logits = logits_output.next_token_logits
-    own = torch.argmax(logits, dim=-1)  # each member's own choice, for the agreement figure
+    # Each member's own choice before merging, for the agreement figure.
+    own = logits.index_select(0, m.member_rows).argmax(dim=-1)
     merge_logits_(logits, m.group_rows, m.group_weights, m.group_modes)
     ids = original(sampler, logits_output, sampling_info, *args, **kwargs)
     ids = ids[m.leader]
-    setattr(logits_output, AGREE_ATTR, (own == ids) & m.grouped)
+    agree = own == ids.index_select(0, m.member_rows)
+    if agree.is_cuda:  # read on the host after SGLang's own copy of the ids has completed
+        agree = agree.to("cpu", non_blocking=True)
+    setattr(logits_output, AGREE_ATTR, (m.members, agree))
     return ids
 
 
@@ -166,15 +172,17 @@ def sample_from_probs(original, sampler, probs, sampling_info, *args, **kwargs):
 
 
 def record_agreement(processor, batch, result, *args, **kwargs):
-    """BEFORE the scheduler processes a batch result (host side, where SGLang reads the ids too):
-    count each member's merged steps and the steps its own argmax matched the merged token."""
-    agree = getattr(getattr(result, "logits_output", None), AGREE_ATTR, None)
-    if agree is None:
+    """BEFORE the scheduler processes a batch result (host side, where SGLang waits for the step's
+    ids too): count each member's merged steps and the steps its own argmax matched the merged
+    token."""
+    recorded = getattr(getattr(result, "logits_output", None), AGREE_ATTR, None)
+    if recorded is None:
         return None
-    for req, ok in zip(batch.reqs, agree.tolist()):
+    if result.copy_done is not None:
+        result.copy_done.synchronize()  # what SGLang does first thing after this hook
+    members, agree = recorded
+    for req, ok in zip(members, agree.tolist()):
         spec = member_spec(req)
-        if spec is None:
-            continue
         steps = getattr(req, "_sgl_merge_steps", 0) + 1
         agreed = getattr(req, "_sgl_merge_agreed", 0) + int(ok)
         req._sgl_merge_steps, req._sgl_merge_agreed = steps, agreed
