@@ -172,12 +172,15 @@ def test_malformed_entries_are_400_naming_the_field(server, entry, field):
     assert generate(server, [1, 2, 3], {"max_new_tokens": 2}).status_code == 200
 
 
-def test_mismatched_sampling_parameters_are_rejected_naming_the_field(server, tokenizer):
+@pytest.mark.parametrize("field, values", [("temperature", (0, 0.5)), ("max_new_tokens", (8, 9)),
+                                           ("top_k", (5, 6))])
+def test_mismatched_sampling_parameters_are_rejected_naming_the_field(server, tokenizer, field, values):
     group = uuid.uuid4().hex
-    params = [merge_params(group, 2, temperature=0), merge_params(group, 2, temperature=0.5)]
+    # Sampling (not greedy), where SGLang would normalise top_k away.
+    params = [merge_params(group, 2, **{"temperature": 0.7, field: v}) for v in values]
     r = generate(server, [tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1])], params)
     body = r.text
-    assert "temperature" in body and group in body
+    assert r.status_code == 400 and f"sampling_params.{field}" in body and group in body
     assert generate(server, [1, 2, 3], {"max_new_tokens": 2}).status_code == 200
 
 
@@ -229,3 +232,39 @@ def test_openai_completions_route_joins_a_group(server, tokenizer):
         t.join()
     texts = [out[i]["choices"][0]["text"] for i in range(2)]
     assert texts[0] == texts[1], out
+
+
+def test_members_report_identical_merged_logprobs(server, tokenizer):
+    group = uuid.uuid4().hex
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    params = [merge_params(group, 3, temperature=0.7, max_new_tokens=12) for _ in contexts]
+    out = generate(server, contexts, params, return_logprob=True, top_logprobs_num=2).json()
+    first = out[0]["meta_info"]
+    for o in out[1:]:
+        assert o["meta_info"]["output_token_logprobs"] == first["output_token_logprobs"]
+        assert o["meta_info"]["output_top_logprobs"] == first["output_top_logprobs"]
+
+
+def test_max_new_tokens_is_equalised_to_the_smallest_context_cap(server, tokenizer):
+    """A member whose prompt nearly fills the context window caps the whole group: SGLang admits
+    prompt + max_new_tokens up to the context length (4096 here), then caps each request's
+    max_new_tokens one below what its own context leaves."""
+    long_ctx = (tokenizer.encode(PROMPTS[3]) * 400)[:4050]
+    contexts = [long_ctx, tokenizer.encode(PROMPTS[0])]
+    out = run_group(server, contexts, max_new_tokens=4096 - 4050)
+    lengths = [len(o["output_ids"]) for o in out]
+    assert lengths[0] == lengths[1] < 4096 - 4050
+    assert out[0]["output_ids"] == out[1]["output_ids"]
+
+
+def test_group_larger_than_the_server_can_hold_is_rejected_with_the_limit(server):
+    limit = requests.get(f"{server.url}/server_info", timeout=10).json()["internal_states"][0][
+        "effective_max_running_requests_per_dp"]
+    r = generate(server, [1, 2, 3], merge_params(uuid.uuid4().hex, limit + 1))
+    assert str(limit) in r.text and "--max-running-requests" in r.text
+    assert generate(server, [1, 2, 3], {"max_new_tokens": 2}).status_code == 200
+
+
+def test_beam_search_cannot_join_a_group(server):
+    r = generate(server, [1, 2, 3], {**merge_params("g", 2), "beam_width": 2})
+    assert r.status_code == 400 and "beam_width" in r.text

@@ -88,6 +88,11 @@ class GroupRegistry:
         self.max_total_tokens = scheduler.max_total_num_tokens
         self.allocatable = 0  # set for the duration of one admission pass
         self.hidden: list = []  # members of incomplete groups kept out of that pass
+        # Groups to finish once the admission pass is over: finishing edits the waiting queue,
+        # which SGLang's admission loop is iterating.
+        self.deferred: list[tuple[Group, str, int]] = []
+        # Recently finished group ids, so a late member is refused at once instead of waiting.
+        self.finished_keys: dict[str, str] = {}
 
     # ---------------------------------------------------------------- finishing
 
@@ -99,6 +104,9 @@ class GroupRegistry:
         sched = self.scheduler
         group.dead = True
         self.groups.pop(group.key, None)
+        self.finished_keys[group.key] = message
+        while len(self.finished_keys) > 4096:
+            self.finished_keys.pop(next(iter(self.finished_keys)))
         reason = FINISH_ABORT(message, status)
         members = {id(m) for m in group.members}
         queued = {id(r) for r in sched.waiting_queue + self.hidden if id(r) in members}
@@ -148,6 +156,10 @@ class GroupRegistry:
         if spec.size > self.max_running:
             self.reject(req, f"{prefix}: size {spec.size} exceeds the server's limit of {self.max_running} "
                              "running requests (--max-running-requests); use a smaller size")
+            return False
+        if group is None and spec.group in self.finished_keys:
+            self.reject(req, f"{prefix} has already finished ({self.finished_keys[spec.group]}); "
+                             "group ids must be unique to one merge")
             return False
         signature = sampling_signature(req.sampling_params)
         if group is None:
@@ -244,10 +256,10 @@ class GroupRegistry:
             ):
                 if not adder.can_run_list:
                     limit = self.scheduler.chunked_prefill_size or self.scheduler.max_prefill_tokens
-                    self.finish(group, f"merge group {group.key!r} needs {sum(extends)} uncached prompt tokens in one "
+                    self.deferred.append((group, f"merge group {group.key!r} needs {sum(extends)} uncached prompt tokens in one "
                                        f"prefill batch, more than the server allows ({limit}, --chunked-prefill-size / "
                                        "--max-prefill-tokens); raise the limit or shorten the prompts",
-                                HTTPStatus.BAD_REQUEST)
+                                          HTTPStatus.BAD_REQUEST))
                 return AddReqResult.OTHER
             rem_input -= tokens
             rem_chunk = None if rem_chunk is None else rem_chunk - tokens
@@ -262,14 +274,20 @@ class GroupRegistry:
         )
         if not can_admit:
             if alone:
-                self.finish(group, f"merge group {group.key!r} needs {total} KV tokens at once, more than the server "
-                                   "has free with nothing else running (--max-total-tokens); use a smaller group, "
-                                   "shorter prompts or a smaller max_new_tokens", HTTPStatus.BAD_REQUEST)
+                self.deferred.append((group, f"merge group {group.key!r} needs {total} KV tokens at once, more than "
+                                             "the server has free with nothing else running (--max-total-tokens); use "
+                                             "a smaller group, shorter prompts or a smaller max_new_tokens",
+                                      HTTPStatus.BAD_REQUEST))
+                return AddReqResult.OTHER
             return AddReqResult.NO_TOKEN
         return None
 
     def after_admission(self, new_batch, chunked_req) -> None:
-        """Mark admitted members running; finish any group the adder split (must not happen)."""
+        """Mark admitted members running; finish the groups found unadmittable during the pass,
+        and any group the adder split (must not happen)."""
+        for group, message, status in self.deferred:
+            self.finish(group, message, status)
+        self.deferred = []
         admitted: dict[str, list] = {}
         for r in new_batch.reqs if new_batch is not None else []:
             if (spec := member_spec(r)) is not None:

@@ -17,9 +17,10 @@ FIELDS = ("group", "size", "mode", "weight")
 PREFIX = f"sampling_params.custom_params.{KEY}"
 
 # Sampling parameters every member of a group must share: one token is sampled for all of them.
+# (max_new_tokens too, but it is compared as requested, before SGLang caps it per member.)
 SHARED_SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-    "repetition_penalty", "min_new_tokens", "max_new_tokens", "stop_strs", "stop_token_ids",
+    "repetition_penalty", "min_new_tokens", "stop_strs", "stop_token_ids",
     "stop_regex_strs", "regex", "json_schema", "ebnf", "structural_tag", "ignore_eos",
     "skip_special_tokens", "no_stop_trim", "logit_bias", "sampling_seed",
 )
