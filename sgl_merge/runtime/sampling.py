@@ -17,7 +17,7 @@ from http import HTTPStatus
 
 import torch
 
-from sgl_merge.kernels.merge_logits import MODES, merge_logits_
+from sgl_merge.kernels.merge_logits import merge_logits_, pack_groups
 from sgl_merge.runtime.groups import member_spec
 
 logger = logging.getLogger("sgl_merge")
@@ -73,11 +73,10 @@ def build_map(reqs: list, device) -> MergeMap | None:
         return None
     # A power of two: the Triton kernel compiles once per table width, not once per group size.
     k_max = 1 << (max(len(rows) for rows in groups) - 1).bit_length()
-    table = [rows + [-1] * (k_max - len(rows)) for rows in groups]
-    weights = []
-    for rows in groups:
-        w = [member_spec(reqs[i]).weight for i in rows]
-        weights.append([x / sum(w) for x in w] + [0.0] * (k_max - len(rows)))
+    group_rows, group_weights, group_modes = pack_groups(
+        ((rows, [member_spec(reqs[i]).weight for i in rows], member_spec(reqs[rows[0]]).mode) for rows in groups),
+        device=device, k_max=k_max,
+    )
     leader = list(range(len(reqs)))
     for rows in groups:
         for i in rows:
@@ -85,11 +84,9 @@ def build_map(reqs: list, device) -> MergeMap | None:
     member_rows = [i for rows in groups for i in rows]
     return MergeMap(
         reqs=list(reqs),
-        group_rows=torch.tensor(table, dtype=torch.int32).to(device, non_blocking=True),
-        group_weights=torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True),
-        group_modes=torch.tensor([MODES[member_spec(reqs[r[0]]).mode] for r in groups], dtype=torch.int32).to(
-            device, non_blocking=True
-        ),
+        group_rows=group_rows,
+        group_weights=group_weights,
+        group_modes=group_modes,
         leader=torch.tensor(leader, dtype=torch.int64).to(device, non_blocking=True),
         member_rows=torch.tensor(member_rows, dtype=torch.int64).to(device, non_blocking=True),
         members=[reqs[i] for i in member_rows],
