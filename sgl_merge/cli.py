@@ -10,6 +10,7 @@ import argparse
 import signal
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 from sgl_merge import __version__
@@ -72,7 +73,7 @@ def serve(argv: list[str]) -> int:
 
 def demo(argv: list[str]) -> int:
     """Placeholder until the bundled reasoner lands: start a CPU server on a small random model
-    (or --model-path) and run one batched generation through it."""
+    (or --model-path), run one batched generation and one merge group through it."""
     import requests
 
     from sgl_merge.server import ServerProcess, ServerStartError, describe
@@ -84,7 +85,7 @@ def demo(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     print(
         "sgl-merge demo (placeholder): the bundled reasoning model and the accuracy comparison "
-        "are not shipped yet; this starts the CPU server and runs one generation.",
+        "are not shipped yet; this starts the CPU server, runs one generation and one merge group.",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="sgl-merge-demo-") as tmp:
@@ -105,6 +106,17 @@ def demo(argv: list[str]) -> int:
             ).json()
             for prompt, item in zip(prompts, out):
                 print(f"{prompt!r} -> {item['text']!r} ({item['meta_info']['completion_tokens']} tokens)")
+            merge = {"group": f"demo-{uuid.uuid4().hex}", "size": len(prompts)}
+            merged = requests.post(
+                f"{server.url}/generate",
+                json={"text": prompts, "sampling_params": {"max_new_tokens": 16, "temperature": 0,
+                                                           "custom_params": {"sgl_merge": merge}}},
+                timeout=120,
+            ).json()
+            print(f"merged, one answer for both contexts -> {merged[0]['text']!r}")
+            for prompt, item in zip(prompts, merged):
+                print(f"  {prompt!r}: own argmax agreed with the merged token at "
+                      f"{item['meta_info']['sgl_merge']['agreement']:.0%} of steps")
             return 0
         except ServerStartError as e:
             print(f"sgl-merge demo: {e}", file=sys.stderr)
