@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sgl_merge.server import ServerProcess
 from sgl_merge.testing import ServeProcess, build_tiny_model, free_port
 
 # Flags every test server uses on top of `sgl-merge serve`'s CPU defaults: fp32 end to end so
@@ -40,3 +41,18 @@ def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def stock_server(tiny_model, tmp_path_factory):
+    """The same SGLang server without the sgl-merge plugin."""
+    log = tmp_path_factory.mktemp("stock") / "server.log"
+    srv = ServerProcess.prepare(["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS],
+                                log_path=str(log))
+    srv.env["SGLANG_PLUGINS"] = "none"
+    srv.start(require_plugin=False)
+    try:
+        assert srv.status is None  # really without the plugin
+        yield srv
+    finally:
+        srv.stop()

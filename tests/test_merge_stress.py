@@ -11,7 +11,6 @@ import requests
 from merge_reference import check_merged_greedy
 
 from conftest import TEST_SERVER_FLAGS
-from sgl_merge.server import ServerProcess
 from sgl_merge.testing import ServeProcess, free_port
 
 PROMPTS = [
@@ -77,21 +76,6 @@ def test_groups_and_plain_requests_under_retraction(retracting_server, hf_model,
         assert len(results[f"plain{i}"]["output_ids"]) == 96
     assert retractions > 0, "the test did not exercise retraction"
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
-
-
-@pytest.fixture(scope="module")
-def stock_server(tiny_model, tmp_path_factory):
-    """The same SGLang server without the sgl-merge plugin."""
-    log = tmp_path_factory.mktemp("stock") / "server.log"
-    srv = ServerProcess.prepare(["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS],
-                                log_path=str(log))
-    srv.env["SGLANG_PLUGINS"] = "none"
-    srv.start(require_plugin=False)
-    try:
-        assert srv.status is None  # really without the plugin
-        yield srv
-    finally:
-        srv.stop()
 
 
 def test_plain_requests_are_bit_identical_without_the_plugin(server, stock_server, tokenizer):

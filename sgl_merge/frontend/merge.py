@@ -1,0 +1,270 @@
+"""ThinkMerge in SGLang programs: `merge_gen` over forks, the `think_merge` pattern, and `vote`.
+
+Used inside `@sgl.function` programs running on a `RuntimeEndpoint` whose server has sgl-merge:
+
+    forks = s.fork(4)
+    forks += sgl.gen("thinking", max_tokens=2048, stop="</think>", temperature=0.6)
+    answer = sgl_merge.merge_gen(forks, "answer", max_tokens=512, temperature=0.6)
+
+`merge_gen` sends one batched /generate whose members are the forks' contexts and writes the one
+merged answer into every fork. A fork's context goes as token ids when they are known (forks made
+by `think_merge` carry the exact ids the server generated, so the radix cache serves each whole
+branch); otherwise as text, which the server tokenizes.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import requests
+
+DEFAULT_OPEN = "<think>"
+DEFAULT_CLOSE = "</think>"
+_SAMPLING_ARGS = ("max_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
+                  "frequency_penalty", "presence_penalty", "ignore_eos", "regex", "json_schema")
+_checked_urls: set[str] = set()
+
+
+class MergeError(RuntimeError):
+    """A merge could not run: the message says which fork or setting and what to do."""
+
+
+# ------------------------------------------------------------------ server access
+
+
+def _backend_url(states) -> str:
+    backends = {id(st.stream_executor.backend): st.stream_executor.backend for st in states}
+    if len(backends) != 1:
+        raise MergeError("merge_gen: all forks must come from one program on one backend")
+    backend = next(iter(backends.values()))
+    url = getattr(backend, "base_url", None)
+    if url is None:
+        raise MergeError(f"merge_gen needs an SGLang RuntimeEndpoint backend, got {type(backend).__name__}")
+    return url.rstrip("/")
+
+
+def ensure_merge_server(url: str) -> None:
+    """Check once per URL that the server runs sgl-merge, so a plain server fails clearly."""
+    if url in _checked_urls:
+        return
+    try:
+        states = requests.get(f"{url}/server_info", timeout=30).json().get("internal_states") or []
+    except (requests.RequestException, ValueError) as e:
+        raise MergeError(f"server at {url} did not answer /server_info: {e}") from e
+    if not any(isinstance(st, dict) and (st.get("sgl_merge") or {}).get("active") for st in states):
+        raise MergeError(f"server at {url} does not have sgl-merge active; start it with sgl-merge serve")
+    _checked_urls.add(url)
+
+
+def _post(url: str, body: dict) -> list | dict:
+    r = requests.post(f"{url}/generate", json=body, timeout=None)
+    if r.status_code != 200:
+        raise MergeError(f"/generate failed with HTTP {r.status_code}: {r.text[:500]}")
+    return r.json()
+
+
+def _tokenize(url: str, text: str) -> list[int]:
+    r = requests.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
+    r.raise_for_status()
+    return r.json()["tokens"]
+
+
+# ------------------------------------------------------------------ contexts of forks
+
+
+@dataclass
+class _Known:
+    """Token ids known to spell exactly `text` (what the server generated)."""
+
+    text: str
+    ids: list[int] = field(default_factory=list)
+
+
+def _context(url: str, executor) -> dict:
+    """The request field for a fork's current context: ids when known, else text."""
+    known: _Known | None = getattr(executor, "_sgl_merge_known", None)
+    if known is not None and executor.text_.startswith(known.text):
+        rest = executor.text_[len(known.text):]
+        return {"input_ids": known.ids + (_tokenize(url, rest) if rest else [])}
+    return {"text": executor.text_}
+
+
+def _append(executor, name: str, text: str, meta: dict, ids: list[int] | None = None) -> None:
+    """Write a finished generation into a synced executor, as the interpreter would; `ids`, when
+    given, are the exact token ids of the executor's whole new text."""
+    executor.text_ += text
+    executor.variables[name] = text
+    executor.meta_info[name] = meta
+    if name in executor.variable_event:
+        executor.variable_event[name].set()
+    if ids is not None:
+        executor._sgl_merge_known = _Known(executor.text_, ids)
+
+
+def _sampling(kwargs: dict) -> dict:
+    unknown = sorted(set(kwargs) - set(_SAMPLING_ARGS))
+    if unknown:
+        raise TypeError(f"unexpected sampling argument(s) {unknown}; allowed: {list(_SAMPLING_ARGS)}")
+    params = {("max_new_tokens" if k == "max_tokens" else k): v for k, v in kwargs.items() if v is not None}
+    params.setdefault("max_new_tokens", 128)
+    if isinstance(params.get("stop"), str):
+        params["stop"] = [params["stop"]]
+    params["skip_special_tokens"] = False  # the text must spell the ids it came from
+    return params
+
+
+# ------------------------------------------------------------------ merge_gen
+
+
+def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
+              return_logprob: bool = False, **sampling) -> str:
+    """One merge group over `forks`: the same merged answer is appended to every fork, stored as
+    `forks[i][name]` (with its meta_info), and returned. Sampling arguments are those of `sgl.gen`."""
+    states = list(getattr(forks, "states", forks))
+    if not states:
+        raise MergeError("merge_gen needs at least one fork (got an empty fork group)")
+    if weights is not None and len(weights) != len(states):
+        raise MergeError(f"merge_gen: {len(weights)} weights for {len(states)} forks")
+    url = _backend_url(states)
+    ensure_merge_server(url)
+    executors = [st.stream_executor for st in states]
+    for i, ex in enumerate(executors):
+        ex.sync()
+        if ex.error_ is not None:
+            raise MergeError(f"merge_gen: fork {i} failed before the merge: {ex.error_}")
+    params = _sampling(sampling)
+    group = uuid.uuid4().hex
+    members = []
+    for i, ex in enumerate(executors):
+        entry = {"group": group, "size": len(states), "mode": mode}
+        if weights is not None:
+            entry["weight"] = weights[i]
+        members.append((_context(url, ex), {**params, "custom_params": {"sgl_merge": entry}}))
+    key = "input_ids" if all("input_ids" in c for c, _ in members) else "text"
+    if key == "text":
+        members = [({"text": ex.text_}, p) for ex, (_, p) in zip(executors, members)]
+    out = _post(url, {key: [c[key] for c, _ in members], "sampling_params": [p for _, p in members],
+                      "return_logprob": return_logprob})
+    text = out[0]["text"]
+    for ex, item, (ctx, _) in zip(executors, out, members):
+        _append(ex, name, text, item["meta_info"],
+                ctx["input_ids"] + item["output_ids"] if key == "input_ids" else None)
+    return text
+
+
+# ------------------------------------------------------------------ think_merge
+
+
+@dataclass
+class _Trace:
+    rid: str
+    result: dict | None = None
+
+
+def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | None = None,
+                name: str = "answer", thinking_budget: int = 2048, thinking_temperature: float = 0.6,
+                think_open: str = DEFAULT_OPEN, think_close: str = DEFAULT_CLOSE, mode: str = "logits",
+                **answer_sampling) -> str:
+    """The whole ThinkMerge pattern on state `s`: `k` independent thinking traces (each closed
+    with `think_close` if it ran out of `thinking_budget`), then one merged answer, appended to `s`
+    and returned. `first=k, n=N` launches N traces and answers as soon as the first k finish
+    thinking; the others are aborted. The traces are kept in `s[name + "_thinking"]`, each
+    member's meta_info in `s.get_meta_info(name)` (a list), and what became of every launched
+    trace ("merged" or "aborted") in `s.get_meta_info(name + "_traces")`."""
+    if (k is None) == (first is None):
+        raise MergeError("think_merge: pass k (wait for all k traces) or first=k with n=N (first k of N)")
+    k = k if first is None else first
+    n = k if n is None else n
+    if k < 1 or n < k:
+        raise MergeError(f"think_merge: need 1 <= k <= n, got k={k}, n={n}")
+    ex = s.stream_executor
+    ex.sync()
+    url = _backend_url([s])
+    ensure_merge_server(url)
+    if not ex.text_.rstrip().endswith(think_open):
+        s += think_open + "\n"
+        ex.sync()
+    prompt_ids = _context(url, ex).get("input_ids") or _tokenize(url, ex.text_)
+    close_ids = _tokenize(url, think_close)
+    traces, outcome = _think(url, prompt_ids, n, k, thinking_budget, thinking_temperature, close_ids)
+    ex.meta_info[f"{name}_traces"] = outcome
+    forks = s.fork(k)
+    thinking = []
+    for fork, trace in zip(forks, traces):
+        ids = trace["output_ids"]
+        text = trace["text"]
+        if ids[-len(close_ids):] != close_ids:
+            ids, text = ids + close_ids, text + think_close
+        fork.stream_executor.sync()
+        _append(fork.stream_executor, f"{name}_thinking", text, trace["meta_info"], prompt_ids + ids)
+        thinking.append(text)
+    answer = merge_gen(forks, name, mode=mode, **answer_sampling)
+    ex.variables[f"{name}_thinking"] = thinking
+    ex.meta_info[name] = [f.stream_executor.meta_info[name] for f in forks]  # one per member
+    s += answer
+    ex.sync()
+    ex.variables[name] = answer
+    return answer
+
+
+def _think(url, prompt_ids, n, k, budget, temperature, close_ids) -> tuple[list[dict], list[str]]:
+    """Run n thinking traces concurrently; return the first k to finish (aborting the rest) and
+    each launched trace's outcome."""
+    traces = [_Trace(rid=f"think-{uuid.uuid4().hex}") for _ in range(n)]
+    done: list[_Trace] = []
+    cond = threading.Condition()
+    params = {"max_new_tokens": budget, "temperature": temperature, "skip_special_tokens": False}
+    if len(close_ids) == 1:
+        params["stop_token_ids"] = close_ids
+
+    def run(trace):
+        try:
+            trace.result = _post(url, {"input_ids": prompt_ids, "sampling_params": params, "rid": trace.rid})
+        except MergeError as e:
+            trace.result = {"error": str(e)}
+        with cond:
+            done.append(trace)
+            cond.notify_all()
+
+    threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in traces]
+    for t in threads:
+        t.start()
+    with cond:
+        cond.wait_for(lambda: sum(_finished_thinking(t) for t in done) >= k or len(done) == n)
+        chosen = [t for t in done if _finished_thinking(t)][:k]
+    for t in traces:
+        if t not in chosen:
+            requests.post(f"{url}/abort_request", json={"rid": t.rid}, timeout=30)
+    for t in threads:
+        t.join()
+    if len(chosen) < k:
+        errors = [t.result.get("error") for t in done if t.result and "error" in t.result]
+        raise MergeError(f"think_merge: only {len(chosen)} of {k} thinking traces finished: {errors[:1]}")
+    outcome = ["merged" if t in chosen else "finished, unused" if _finished_thinking(t) else "aborted"
+               for t in traces]
+    return [t.result for t in chosen], outcome
+
+
+def _finished_thinking(trace: _Trace) -> bool:
+    r = trace.result
+    return bool(r) and "error" not in r and (r.get("meta_info", {}).get("finish_reason") or {}).get("type") != "abort"
+
+
+# ------------------------------------------------------------------ vote
+
+
+def vote(forks, name: str, extract=None) -> tuple[str | None, Counter]:
+    """Majority vote over the forks' `name` variable (after `extract`, which may return None for
+    "no answer"). Returns the winner (ties go to the answer seen first) and the counts."""
+    states = list(getattr(forks, "states", forks))
+    answers = [st[name] for st in states]
+    extracted = [extract(a) if extract else a for a in answers]
+    counts = Counter(x for x in extracted if x is not None)
+    if not counts:
+        return None, counts
+    best = max(counts.values())
+    winner = next(x for x in extracted if x is not None and counts[x] == best)
+    return winner, counts

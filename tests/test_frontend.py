@@ -1,0 +1,104 @@
+"""merge_gen / think_merge / vote in SGLang programs, against the real CPU server."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+import pytest
+import requests
+import sglang as sgl
+
+import sgl_merge
+from sgl_merge import MergeError, merge_gen, think_merge, vote
+
+THOUGHTS = ["add the tens first", "twelve plus thirty is forty two", "count up from twelve"]
+
+
+@pytest.fixture(scope="module")
+def backend(server):
+    return sgl.RuntimeEndpoint(server.url)
+
+
+@sgl.function
+def merged_answer(s, k):
+    s += "Question: what is 12 + 30?\n"
+    forks = s.fork(k)
+    for i in range(k):
+        forks[i] += f"Thought: {THOUGHTS[i]}.\nAnswer:"
+    s["contexts"] = [f.text() for f in forks]
+    s["answer"] = merge_gen(forks, "answer", max_tokens=16, temperature=0, ignore_eos=True)
+    s["fork_texts"] = [f.text() for f in forks]
+    s["fork_vars"] = [f["answer"] for f in forks]
+
+
+def test_merge_gen_gives_every_fork_the_runtime_contracts_answer(server, backend):
+    state = merged_answer.run(k=3, backend=backend)
+    answer = state["answer"]
+    assert state["fork_vars"] == [answer] * 3
+    assert all(t == c + answer for t, c in zip(state["fork_texts"], state["contexts"]))
+    group = uuid.uuid4().hex
+    ref = requests.post(f"{server.url}/generate", timeout=120, json={
+        "text": state["contexts"],
+        "sampling_params": [{"max_new_tokens": 16, "temperature": 0, "ignore_eos": True, "skip_special_tokens": False,
+                             "custom_params": {"sgl_merge": {"group": group, "size": 3}}}] * 3}).json()
+    assert ref[0]["text"] == answer
+
+
+@sgl.function
+def thinker(s, opts):
+    s += "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"
+    think_merge(s, **opts)
+
+
+def test_think_merge_answer_reuses_each_branch_context_from_the_cache(backend):
+    state = thinker.run(opts=dict(k=2, thinking_budget=200, thinking_temperature=0.8, max_tokens=8,
+                                  ignore_eos=True), backend=backend)
+    assert len(state["answer_thinking"]) == 2
+    assert state.text().endswith(state["answer"])
+    for meta in state.get_meta_info("answer"):
+        assert meta["cached_tokens"] >= 0.95 * meta["prompt_tokens"], meta
+    assert state.get_meta_info("answer_traces") == ["merged", "merged"]
+
+
+def test_think_merge_first_k_of_n_aborts_the_rest(server, backend):
+    state = thinker.run(opts=dict(first=2, n=4, thinking_budget=300, thinking_temperature=1.0, max_tokens=4),
+                        backend=backend)
+    outcome = state.get_meta_info("answer_traces")
+    assert outcome.count("merged") == 2 and len(outcome) == 4
+    assert len(state["answer_thinking"]) == 2
+    # No request left running: SGLang flushes the cache only when nothing runs or waits.
+    assert requests.post(f"{server.url}/flush_cache", timeout=30).status_code == 200
+
+
+def test_vote_counts_and_picks_the_majority():
+    class Fork(dict):
+        pass
+
+    forks = [Fork(ans=a) for a in ["\\boxed{42}", "\\boxed{41}", "\\boxed{42}", "no idea"]]
+    extract = lambda t: t.split("{")[1].rstrip("}") if "{" in t else None  # noqa: E731
+    winner, counts = vote(forks, "ans", extract=extract)
+    assert winner == "42" and counts == Counter({"42": 2, "41": 1})
+    assert vote([Fork(ans="a"), Fork(ans="b")], "ans") == ("a", Counter({"a": 1, "b": 1}))
+    assert vote([Fork(ans="x")], "ans", extract=lambda t: None) == (None, Counter())
+
+
+def test_server_without_the_plugin_is_reported_as_such(stock_server):
+    @sgl.function
+    def prog(s):
+        s += "Hello"
+        forks = s.fork(2)
+        s["a"] = merge_gen(forks, "a", max_tokens=2)
+
+    with pytest.raises(MergeError, match="does not have sgl-merge active; start it with sgl-merge serve"):
+        prog.run(backend=sgl.RuntimeEndpoint(stock_server.url))
+
+
+def test_bad_calls_are_reported_clearly():
+    with pytest.raises(MergeError, match="at least one fork"):
+        merge_gen([], "x")
+    with pytest.raises(MergeError, match="pass k"):
+        think_merge(None, k=2, first=2)
+    with pytest.raises(MergeError, match="1 <= k <= n"):
+        think_merge(None, first=3, n=2)
+    assert sgl_merge.merge_gen is merge_gen
