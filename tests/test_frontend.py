@@ -30,6 +30,7 @@ def merged_answer(s, k):
     s["answer"] = merge_gen(forks, "answer", max_tokens=16, temperature=0, ignore_eos=True)
     s["fork_texts"] = [f.text() for f in forks]
     s["fork_vars"] = [f["answer"] for f in forks]
+    forks.join()
 
 
 def test_merge_gen_gives_every_fork_the_runtime_contracts_answer(server, backend):

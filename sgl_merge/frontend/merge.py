@@ -204,6 +204,8 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
     answer = merge_gen(forks, name, mode=mode, **answer_sampling)
     ex.variables[f"{name}_thinking"] = thinking
     ex.meta_info[name] = [f.stream_executor.meta_info[name] for f in forks]  # one per member
+    for f in forks:  # the forks' worker threads are done; end them now, as join() would
+        f.stream_executor.end()
     s += answer
     ex.sync()
     ex.variables[name] = answer

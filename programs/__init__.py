@@ -1,0 +1,1 @@
+"""Real SGLang programs that use sgl-merge: maths, code, multi-step web research."""

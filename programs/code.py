@@ -1,0 +1,106 @@
+"""Code generation where the answer is a program: single trace vs ThinkMerge, pass@1.
+
+Each JSONL problem has "prompt" (what to write) and "tests" (Python code with asserts). The answer's
+code (its ```python block, or the whole answer) runs against the tests in a separate Python process
+with a time and a memory limit.
+
+    python programs/code.py --url http://127.0.0.1:30000 --k 2 --data problems.jsonl
+"""
+
+import os
+import sys
+
+# Run as a script, this file's folder leads sys.path, where this file would shadow stdlib `code`:
+# put the repository root there instead (which also makes `programs` importable).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE) if os.path.abspath(p or ".") == _HERE else p for p in sys.path]
+
+import re  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import sglang as sgl  # noqa: E402
+
+from sgl_merge import think_merge  # noqa: E402
+from programs._common import answer_tokens, load_jsonl, parser, print_table  # noqa: E402
+
+PROMPT = "Write Python code for this task. Answer with one ```python block.\nTask: {prompt}\n<think>\n"
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    reason: str  # "passed", "failed: <last line>", "timeout", "memory limit"
+
+
+def extract_code(text: str) -> str:
+    blocks = re.findall(r"```(?:python)?\n(.*?)```", text or "", flags=re.S)
+    return blocks[-1] if blocks else (text or "")
+
+
+def run_tests(code: str, tests: str, timeout_s: float = 10.0, memory_mb: int = 512) -> Verdict:
+    """Run `code` then `tests` in a fresh, isolated Python process limited to `timeout_s` of wall
+    time (CPU time too) and `memory_mb` of address space."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        cpu = int(timeout_s) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+
+    try:
+        # The program goes on stdin: generated text may hold bytes an argv cannot (NUL).
+        proc = subprocess.run([sys.executable, "-I", "-"], input=code + "\n\n" + tests, capture_output=True,
+                              text=True, errors="replace", timeout=timeout_s, preexec_fn=limit)
+    except subprocess.TimeoutExpired:
+        return Verdict(False, "timeout")
+    if proc.returncode == 0:
+        return Verdict(True, "passed")
+    if proc.returncode == -signal.SIGXCPU:
+        return Verdict(False, "timeout")
+    if "MemoryError" in proc.stderr or proc.returncode == -signal.SIGKILL:
+        return Verdict(False, "memory limit")
+    err = proc.stderr.strip().splitlines()
+    return Verdict(False, f"failed: {err[-1] if err else f'exit code {proc.returncode}'}")
+
+
+@sgl.function
+def single(s, prompt, think_tokens=1024, answer_tokens=512, temperature=0.6):
+    s += PROMPT.format(prompt=prompt)
+    s += sgl.gen("thinking", max_tokens=think_tokens, stop="</think>", temperature=temperature)
+    s += "</think>\n"
+    s += sgl.gen("answer", max_tokens=answer_tokens, temperature=temperature)
+
+
+@sgl.function
+def merged(s, prompt, k, think_tokens=1024, answer_tokens=512, temperature=0.6):
+    s += PROMPT.format(prompt=prompt)
+    think_merge(s, k=k, thinking_budget=think_tokens, thinking_temperature=temperature,
+                max_tokens=answer_tokens, temperature=temperature)
+
+
+def evaluate(problems, url, k, **gen) -> dict[str, dict]:
+    """pass@1 of a single trace and of ThinkMerge@k over `problems`."""
+    backend = sgl.RuntimeEndpoint(url)
+    results = {}
+    for name, program, extra in (("single", single, {}), (f"merge@{k}", merged, {"k": k})):
+        states = program.run_batch([{"prompt": p["prompt"], **extra, **gen} for p in problems],
+                                   backend=backend, progress_bar=True)
+        verdicts = [run_tests(extract_code(st["answer"]), p["tests"]) for st, p in zip(states, problems)]
+        results[name] = {"score": sum(v.passed for v in verdicts) / max(len(problems), 1),
+                         "tokens": sum(answer_tokens(st) for st in states),
+                         "verdicts": [v.reason for v in verdicts]}
+    return results
+
+
+def main(argv=None):
+    p = parser(__doc__, default_data="problems.jsonl")
+    args = p.parse_args(argv)
+    results = evaluate(load_jsonl(args.data, args.limit), args.url, args.k)
+    print_table(f"pass@1 on {args.data}", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
