@@ -10,7 +10,7 @@ import requests
 import sglang as sgl
 
 import sgl_merge
-from sgl_merge import MergeError, merge_gen, think_merge, vote
+from sgl_merge import MergeError, merge_gen, merge_gen_stream, think_merge, vote
 
 THOUGHTS = ["add the tens first", "twelve plus thirty is forty two", "count up from twelve"]
 
@@ -47,8 +47,29 @@ def test_merge_gen_gives_every_fork_the_runtime_contracts_answer(server, backend
 
 
 @sgl.function
+def streamed_answer(s, k):
+    s += "Question: what is 12 + 30?\n"
+    forks = s.fork(k)
+    for i in range(k):
+        forks[i] += f"Thought: {THOUGHTS[i]}.\nAnswer:"
+    s["pieces"] = list(merge_gen_stream(forks, "answer", max_tokens=16, temperature=0, ignore_eos=True))
+    s["fork_vars"] = [f["answer"] for f in forks]
+    forks.join()
+
+
+def test_streamed_merge_yields_the_same_answer_piece_by_piece(backend):
+    answer = merged_answer.run(k=3, backend=backend)["answer"]
+    state = streamed_answer.run(k=3, backend=backend)
+    assert "".join(state["pieces"]) == answer and len(state["pieces"]) > 1
+    assert state["fork_vars"] == [answer] * 3
+
+
+@sgl.function
 def thinker(s, opts):
-    s += "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"
+    # A prompt of some length: the last thinking token and the closing delimiter (1-2 tokens) are
+    # the only part of each branch the cache cannot hold.
+    question = "What is 12 + 30? Explain every step of the addition, then give the result. " * 3
+    s += f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
     think_merge(s, **opts)
 
 
@@ -103,3 +124,41 @@ def test_bad_calls_are_reported_clearly():
     with pytest.raises(MergeError, match="1 <= k <= n"):
         think_merge(None, first=3, n=2)
     assert sgl_merge.merge_gen is merge_gen
+
+
+@sgl.function
+def chat_thinker(s, template_opens_think):
+    s += sgl.user("What is 12 + 30?")
+    s += sgl.assistant_begin()
+    if template_opens_think:
+        s += "<think>\n"
+    think_merge(s, k=2, thinking_budget=24, max_tokens=6, ignore_eos=True)
+    s += sgl.assistant_end()
+
+
+@pytest.mark.parametrize("template_opens_think", [False, True])
+def test_think_merge_in_a_chat_program(backend, template_opens_think):
+    state = chat_thinker.run(template_opens_think=template_opens_think, backend=backend)
+    assert state.messages()[-1]["role"] == "assistant"
+    assert state.messages()[-1]["content"].endswith(state["answer"])
+    assert state.text().count("<think>") == 1  # opened once, whoever opened it
+
+
+def test_forks_of_different_programs_and_failed_forks_are_reported(backend):
+    a = merged_answer.run(k=1, backend=backend)
+    b = merged_answer.run(k=1, backend=backend)
+    with pytest.raises(MergeError, match="different program runs"):
+        merge_gen([a, b], "x", max_tokens=2)
+
+    @sgl.function
+    def broken(s):
+        s += "Hello"
+        forks = s.fork(2)
+        forks[1] += sgl.gen("bad", max_tokens=-1)  # the server refuses it
+        try:
+            s["x"] = merge_gen(forks, "x", max_tokens=2)
+        finally:
+            forks.join()
+
+    with pytest.raises(MergeError, match="fork 1 failed before the merge"):
+        broken.run(backend=backend)

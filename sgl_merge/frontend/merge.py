@@ -14,8 +14,10 @@ branch); otherwise as text, which the server tokenizes.
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
+from collections.abc import Iterator
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -119,10 +121,25 @@ def _sampling(kwargs: dict) -> dict:
 # ------------------------------------------------------------------ merge_gen
 
 
-def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
-              return_logprob: bool = False, **sampling) -> str:
-    """One merge group over `forks`: the same merged answer is appended to every fork, stored as
-    `forks[i][name]` (with its meta_info), and returned. Sampling arguments are those of `sgl.gen`."""
+@dataclass
+class _Merge:
+    """One prepared merge request over synced forks."""
+
+    url: str
+    executors: list
+    key: str  # "input_ids" or "text"
+    contexts: list
+    body: dict
+
+    def finish(self, name: str, out: list[dict]) -> str:
+        """Append the merged answer of response items `out` to every fork; return its text."""
+        text = out[0]["text"]
+        for ex, item, ctx in zip(self.executors, out, self.contexts):
+            _append(ex, name, text, item["meta_info"], ctx + item["output_ids"] if self.key == "input_ids" else None)
+        return text
+
+
+def _prepare(forks, mode, weights, return_logprob, sampling) -> _Merge:
     states = list(getattr(forks, "states", forks))
     if not states:
         raise MergeError("merge_gen needs at least one fork (got an empty fork group)")
@@ -131,28 +148,59 @@ def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | 
     url = _backend_url(states)
     ensure_merge_server(url)
     executors = [st.stream_executor for st in states]
+    if len({id(ex.arguments) for ex in executors}) != 1:  # forks share their program's arguments
+        raise MergeError("merge_gen: the forks come from different program runs; merge forks of one s.fork()")
     for i, ex in enumerate(executors):
         ex.sync()
         if ex.error_ is not None:
             raise MergeError(f"merge_gen: fork {i} failed before the merge: {ex.error_}")
     params = _sampling(sampling)
     group = uuid.uuid4().hex
-    members = []
-    for i, ex in enumerate(executors):
+    sampling_params = []
+    for i in range(len(states)):
         entry = {"group": group, "size": len(states), "mode": mode}
         if weights is not None:
             entry["weight"] = weights[i]
-        members.append((_context(url, ex), {**params, "custom_params": {"sgl_merge": entry}}))
-    key = "input_ids" if all("input_ids" in c for c, _ in members) else "text"
-    if key == "text":
-        members = [({"text": ex.text_}, p) for ex, (_, p) in zip(executors, members)]
-    out = _post(url, {key: [c[key] for c, _ in members], "sampling_params": [p for _, p in members],
-                      "return_logprob": return_logprob})
-    text = out[0]["text"]
-    for ex, item, (ctx, _) in zip(executors, out, members):
-        _append(ex, name, text, item["meta_info"],
-                ctx["input_ids"] + item["output_ids"] if key == "input_ids" else None)
-    return text
+        sampling_params.append({**params, "custom_params": {"sgl_merge": entry}})
+    contexts = [_context(url, ex) for ex in executors]
+    key = "input_ids" if all("input_ids" in c for c in contexts) else "text"
+    contexts = [c["input_ids"] if key == "input_ids" else ex.text_ for c, ex in zip(contexts, executors)]
+    body = {key: contexts, "sampling_params": sampling_params, "return_logprob": return_logprob}
+    return _Merge(url, executors, key, contexts, body)
+
+
+def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
+              return_logprob: bool = False, **sampling) -> str:
+    """One merge group over `forks`: the same merged answer is appended to every fork, stored as
+    `forks[i][name]` (with its meta_info), and returned. Sampling arguments are those of `sgl.gen`."""
+    merge = _prepare(forks, mode, weights, return_logprob, sampling)
+    return merge.finish(name, _post(merge.url, merge.body))
+
+
+def merge_gen_stream(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
+                     return_logprob: bool = False, **sampling) -> Iterator[str]:
+    """`merge_gen` for chat UIs: yields the merged answer's text piece by piece as it is decoded;
+    when the stream ends, the forks hold the answer exactly as after `merge_gen`."""
+    merge = _prepare(forks, mode, weights, return_logprob, sampling)
+    last: dict[int, dict] = {}
+    shown = ""
+    with requests.post(f"{merge.url}/generate", json={**merge.body, "stream": True}, stream=True,
+                       timeout=None) as r:
+        if r.status_code != 200:
+            raise MergeError(f"/generate failed with HTTP {r.status_code}: {r.text[:500]}")
+        for line in r.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data:"):])
+            if "error" in chunk:
+                raise MergeError(f"merge stream failed: {chunk['error']}")
+            last[chunk.get("index", 0)] = chunk
+            if chunk.get("index", 0) == 0 and chunk["text"].startswith(shown) and len(chunk["text"]) > len(shown):
+                yield chunk["text"][len(shown):]
+                shown = chunk["text"]
+    text = merge.finish(name, [last[i] for i in range(len(merge.executors))])
+    if text.startswith(shown) and len(text) > len(shown):
+        yield text[len(shown):]
 
 
 # ------------------------------------------------------------------ think_merge
