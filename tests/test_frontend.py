@@ -20,12 +20,17 @@ def backend(server):
     return sgl.RuntimeEndpoint(server.url)
 
 
-@sgl.function
-def merged_answer(s, k):
+def forks_with_thoughts(s, k):
     s += "Question: what is 12 + 30?\n"
     forks = s.fork(k)
     for i in range(k):
         forks[i] += f"Thought: {THOUGHTS[i]}.\nAnswer:"
+    return forks
+
+
+@sgl.function
+def merged_answer(s, k):
+    forks = forks_with_thoughts(s, k)
     s["contexts"] = [f.text() for f in forks]
     s["answer"] = merge_gen(forks, "answer", max_tokens=16, temperature=0, ignore_eos=True)
     s["fork_texts"] = [f.text() for f in forks]
@@ -48,10 +53,7 @@ def test_merge_gen_gives_every_fork_the_runtime_contracts_answer(server, backend
 
 @sgl.function
 def streamed_answer(s, k):
-    s += "Question: what is 12 + 30?\n"
-    forks = s.fork(k)
-    for i in range(k):
-        forks[i] += f"Thought: {THOUGHTS[i]}.\nAnswer:"
+    forks = forks_with_thoughts(s, k)
     s["pieces"] = list(merge_gen_stream(forks, "answer", max_tokens=16, temperature=0, ignore_eos=True))
     s["fork_vars"] = [f["answer"] for f in forks]
     forks.join()
