@@ -80,9 +80,15 @@ def add_to_queue(original, scheduler, req, is_retracted=False):
         except MergeSpecError as e:
             reg.reject(req, str(e))
             return None
-    if reg.on_queue(req, is_retracted):
-        return original(scheduler, req, is_retracted)
-    return None
+    if not reg.on_queue(req, is_retracted):
+        return None
+    out = original(scheduler, req, is_retracted)
+    queue = scheduler.waiting_queue
+    if _admission is reg and queue and queue[-1] is req:
+        # Queued during an admission pass (SGLang queues requests whose grammar just compiled at
+        # its start): keep it out of this pass like the other members of unready groups.
+        reg.hidden.append(queue.pop())
+    return out
 
 
 # ------------------------------------------------------------------ scheduler: admission
