@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from sgl_merge.runtime.spec import MemberSpec, first_mismatch, parse_member_spec, sampling_signature
+from sgl_merge.runtime.spec import MemberSpec, first_mismatch, sampling_signature
 
 logger = logging.getLogger("sgl_merge")
 
