@@ -99,7 +99,6 @@ class GroupRegistry:
     def finish(self, group: Group, message: str, status: int) -> None:
         """End every unfinished member of `group` with `message`, waiting or running."""
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
-        from sglang.srt.managers.scheduler import _make_abort_req
 
         sched = self.scheduler
         group.dead = True
@@ -117,8 +116,7 @@ class GroupRegistry:
             if req.finished():
                 continue
             if id(req) in queued:
-                sched._release_aborted_request(req)
-                sched.send_abort_output(_make_abort_req(req, finished_reason=reason.to_json()), req)
+                self._send_abort(req, reason)
                 req.finished_reason = reason
             elif req.rid not in group.waiting:  # running: finishes at its next step
                 req.to_finish = reason
@@ -128,12 +126,16 @@ class GroupRegistry:
     def reject(self, req, message: str, status: int = HTTPStatus.BAD_REQUEST) -> None:
         """Refuse a request before it is queued."""
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        self._send_abort(req, FINISH_ABORT(message, status))
+        logger.warning("sgl-merge: %s", message)
+
+    def _send_abort(self, req, reason) -> None:
+        """End a request that is not running: release its cache state, answer the client."""
         from sglang.srt.managers.scheduler import _make_abort_req
 
         self.scheduler._release_aborted_request(req)
-        reason = FINISH_ABORT(message, status)
         self.scheduler.send_abort_output(_make_abort_req(req, finished_reason=reason.to_json()), req)
-        logger.warning("sgl-merge: %s", message)
 
     # ---------------------------------------------------------------- arrival
 
@@ -313,7 +315,8 @@ class GroupRegistry:
         rest = [i for i, r in enumerate(batch.reqs) if member_spec(r) is not None and member_spec(r).group in hit]
         if not rest:
             return
-        keep = [i for i in range(len(batch.reqs)) if i not in set(rest)]
+        leaving = set(rest)
+        keep = [i for i in range(len(batch.reqs)) if i not in leaving]
         failed = {member_spec(r).group for r in aborted if member_spec(r) is not None}
         for i in rest:
             req = batch.reqs[i]

@@ -19,10 +19,9 @@ _registry: GroupRegistry | None = None  # this process's scheduler's (one schedu
 
 def registry(scheduler) -> GroupRegistry:
     global _registry
-    reg = getattr(scheduler, "_sgl_merge_groups", None)
-    if reg is None:
-        reg = _registry = scheduler._sgl_merge_groups = GroupRegistry(scheduler)
-    return reg
+    if _registry is None:
+        _registry = GroupRegistry(scheduler)
+    return _registry
 
 
 def _asks_to_merge(req) -> bool:
@@ -97,7 +96,7 @@ def add_to_queue(original, scheduler, req, is_retracted=False):
 def new_prefill_batch(original, scheduler, prefill_delayer_single_pass, running_batch):
     """AROUND Scheduler._get_new_batch_prefill_raw: gang admission."""
     global _admission
-    reg = getattr(scheduler, "_sgl_merge_groups", None)
+    reg = _registry
     if reg is None or not reg.groups:
         return original(scheduler, prefill_delayer_single_pass, running_batch)
     reg.expire()
@@ -153,9 +152,8 @@ def retract(original, batch, *args, **kwargs):
 
 def abort(result, scheduler, recv_req):
     """AFTER Scheduler.abort_request: an abort of one member ends its whole group."""
-    reg = getattr(scheduler, "_sgl_merge_groups", None)
-    if reg is not None and reg.groups:
-        reg.on_abort(recv_req.rid or "", recv_req.abort_all)
+    if _registry is not None and _registry.groups:
+        _registry.on_abort(recv_req.rid or "", recv_req.abort_all)
     return result
 
 
