@@ -34,7 +34,7 @@ _CORPUS = [
 ]
 
 
-def _build_tokenizer(vocab_size: int):
+def _build_tokenizer(vocab_size: int, think_tokens: bool = True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -42,7 +42,7 @@ def _build_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS if think_tokens else SPECIAL_TOKENS[:3],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -61,12 +61,14 @@ def build_tiny_model(
     vocab_size: int = 384,
     init_std: float = 0.2,
     opens_think: bool = False,
+    think_tokens: bool = True,
 ) -> Path:
     """Write a small random Qwen2 model directory at `path` and return it.
 
     `init_std` is larger than a trained model's so next-token distributions are peaked: greedy
     decoding then has clear winners, which keeps exactness tests meaningful across kernels.
-    `opens_think=True` makes the chat template open `<think>` itself (as Qwen3-style templates do).
+    `opens_think=True` makes the chat template open `<think>` itself (as Qwen3-style templates do);
+    `think_tokens=False` leaves `<think>` / `</think>` out of the vocabulary (a non-thinking model).
     """
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -74,10 +76,10 @@ def build_tiny_model(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=_build_tokenizer(vocab_size),
+        tokenizer_object=_build_tokenizer(vocab_size, think_tokens),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=[THINK_OPEN, THINK_CLOSE],
+        additional_special_tokens=[THINK_OPEN, THINK_CLOSE] if think_tokens else [],
     )
     tok.chat_template = CHAT_TEMPLATE.replace("opens_think", "true" if opens_think else "false")
     tok.save_pretrained(path)

@@ -176,6 +176,5 @@ HOOKS = [
     ("sglang.srt.layers.sampler.Sampler._sample_from_probs", "AROUND", sampling.sample_from_probs),
     ("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor.process_batch_result_prefill", "BEFORE", sampling.record_agreement),
     ("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor.process_batch_result_decode", "BEFORE", sampling.record_agreement),
-    ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.is_request_level_customized_info_key", "AROUND", sampling.is_request_level_key),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", "AROUND", sampling.meta_info),
 ]

@@ -28,9 +28,10 @@ def status() -> dict:
     return dict(_status)
 
 
-def _report_status(result, *args, **kwargs):
-    """AFTER hook on the scheduler's internal-state readback: add the plugin's status."""
-    result.internal_state["sgl_merge"] = status()
+def _report_status(result, controller, *args, **kwargs):
+    """AFTER hook on the scheduler's internal-state readback: add the plugin's status and the
+    largest merge group this scheduler can run (the HTTP routes check `think_merge.k` against it)."""
+    result.internal_state["sgl_merge"] = {**status(), "max_group_size": controller.scheduler.max_running_requests}
     return result
 
 
@@ -40,8 +41,9 @@ def load() -> None:
 
     sglang_version = check_sglang_version()
     from sgl_merge.runtime.hooks import HOOKS
+    from sgl_merge.serving.openai_api import HOOKS as SERVING_HOOKS
 
-    hooks = [(INTERNAL_STATE_TARGET, "AFTER", _report_status), *HOOKS]
+    hooks = [(INTERNAL_STATE_TARGET, "AFTER", _report_status), *HOOKS, *SERVING_HOOKS]
     for target, kind, fn in hooks:
         HookRegistry.register(target, fn, HookType[kind])
     _status.update(

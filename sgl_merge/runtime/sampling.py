@@ -185,23 +185,25 @@ def record_agreement(processor, batch, result, *args, **kwargs):
         req._sgl_merge_steps, req._sgl_merge_agreed = steps, agreed
         info = {"group": spec.group, "size": spec.size, "mode": spec.mode, "weight": spec.weight,
                 "merged_steps": steps, "agreement": agreed / steps}
+        # Token-aligned, so SGLang's output streamer sends it with every streamed chunk as well as
+        # at the end; only the newest entry is kept (the earlier ones are cleared).
         if req.customized_info is None:
             req.customized_info = {}
-        req.customized_info[INFO_KEY] = [info]
+        values = req.customized_info.setdefault(INFO_KEY, [])
+        if values:
+            values[-1] = None
+        values.append(info)
     return None
-
-
-def is_request_level_key(original, streamer, key):
-    """AROUND SchedulerOutputStreamer.is_request_level_customized_info_key."""
-    return key == INFO_KEY or original(streamer, key)
 
 
 def meta_info(original, manager, meta_info, state, customized_info, index, finish_reason):
     """AROUND TokenizerManager.update_request_meta_info: members get `meta_info["sgl_merge"]` as
-    one object; requests outside merge groups get no key at all (their output stays unchanged)."""
+    one object, the newest; requests outside merge groups get no key at all (their output stays
+    unchanged)."""
     ours = customized_info.get(INFO_KEY) if customized_info else None
     if ours is not None:
         customized_info = {k: v for k, v in customized_info.items() if k != INFO_KEY}
-        if ours[index]:
-            meta_info[INFO_KEY] = ours[index][-1]
+        newest = next((info for info in reversed(ours[index] or []) if info), None)
+        if newest is not None:
+            meta_info[INFO_KEY] = newest
     return original(manager, meta_info, state, customized_info, index, finish_reason)

@@ -1,0 +1,174 @@
+"""Hooks that give SGLang's `/v1/chat/completions` and `/v1/completions` the `think_merge` field.
+
+Two narrow hooks: `handle_request` (AROUND OpenAIServingBase.handle_request) validates the field,
+marks the HTTP request as a think_merge call and adds the call's results to the response;
+`generate_request` (AROUND TokenizerManager.generate_request) runs the ThinkMerge flow in place of
+the route's one generation for a marked request. A request without the field never gets past the
+first check, so both routes stay SGLang's own, byte for byte.
+
+The response gains `choices[i].message.reasoning_content` (chat: the merged traces, each under a
+header) and an `sgl_merge` extension object (k, mode, per-trace outcomes and thinking lengths,
+answer length, per-branch agreement, the traces). A streamed response gets, before the answer,
+progress chunks with empty `choices` and an `sgl_merge` object, then one chunk whose delta carries
+the `reasoning_content`; the last chunk before `[DONE]` carries the final `sgl_merge` object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+from sgl_merge.serving.think_merge import (FIELD, ThinkMergeCall, ThinkMergeError, parse_config, run,
+                                           think_token_ids)
+
+EXTENSION = "sgl_merge"
+_max_group: list[int] = []  # the server's largest merge group, read once from the scheduler
+
+
+async def handle_request(original, serving, request, raw_request):
+    """AROUND OpenAIServingBase.handle_request."""
+    entry = await _think_merge_entry(serving, raw_request)
+    if entry is None:
+        return await original(serving, request, raw_request)
+    try:
+        call = await _start_call(serving, request, entry)
+    except ThinkMergeError as e:
+        return serving.create_error_response(str(e), param=e.param)
+    raw_request.state.sgl_merge = call
+    response = await original(serving, request, raw_request)
+    return _with_results(response, call, chat=_is_chat(serving))
+
+
+def generate_request(original, manager, obj, *args, **kwargs):
+    """AROUND TokenizerManager.generate_request: the flow for the one generation of a marked call."""
+    raw_request = args[0] if args else kwargs.get("request")
+    call = getattr(getattr(raw_request, "state", None), "sgl_merge", None)
+    if call is None or call.started:
+        return original(manager, obj, *args, **kwargs)
+    call.started = True
+    return run(original, manager, obj, raw_request, call)
+
+
+# ------------------------------------------------------------------ the request
+
+
+def _is_chat(serving) -> bool:
+    from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
+
+    return isinstance(serving, OpenAIServingChat)
+
+
+async def _think_merge_entry(serving, raw_request):
+    """The body's think_merge entry, None when absent (or null, or not one of the two routes)."""
+    from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+
+    if raw_request is None or not (_is_chat(serving) or isinstance(serving, OpenAIServingCompletion)):
+        return None
+    if f'"{FIELD}"'.encode() not in await raw_request.body():
+        return None
+    body = await raw_request.json()
+    return body.get(FIELD) if isinstance(body, dict) else None
+
+
+async def _start_call(serving, request, entry) -> ThinkMergeCall:
+    manager = serving.tokenizer_manager
+    config = parse_config(entry, await _max_group_size(manager))
+    if (request.n or 1) > 1:
+        raise ThinkMergeError("n", f"n={request.n} cannot be combined with {FIELD}: a think_merge call returns one "
+                              f"merged answer; set {FIELD}.k for the number of parallel traces")
+    prompt = getattr(request, "prompt", None)
+    if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], (str, list)):
+        raise ThinkMergeError("prompt", f"{FIELD} takes one prompt per request, got a batch of {len(prompt)}")
+    delimiters = think_token_ids(manager.tokenizer)
+    if delimiters is None:
+        raise ThinkMergeError(FIELD, f"{FIELD} needs a thinking model, and the tokenizer of "
+                              f"{manager.server_args.model_path} has no <think> / </think> tokens")
+    if _is_chat(serving):
+        kwargs = request.chat_template_kwargs or {}
+        if kwargs.get("enable_thinking") is False:
+            raise ThinkMergeError("chat_template_kwargs.enable_thinking",
+                                  f"chat_template_kwargs.enable_thinking is false, but {FIELD} thinks first; "
+                                  "drop one of them")
+        request.chat_template_kwargs = {"enable_thinking": True, **kwargs}
+        request.separate_reasoning = False  # the answer phase starts after </think>: nothing to separate
+    rid = request.rid if isinstance(request.rid, str) and request.rid else f"thinkmerge-{uuid.uuid4().hex}"
+    return ThinkMergeCall(config=config, rid=rid, model=request.model, close_id=delimiters[1])
+
+
+async def _max_group_size(manager) -> int | None:
+    if not _max_group:
+        states = await manager.get_internal_state()
+        sizes = [(st.get("sgl_merge") or {}).get("max_group_size") for st in states if isinstance(st, dict)]
+        _max_group.append(min((s for s in sizes if s), default=0))
+    return _max_group[0] or None
+
+
+# ------------------------------------------------------------------ the response
+
+
+def _with_results(response, call: ThinkMergeCall, chat: bool):
+    from fastapi.responses import Response, StreamingResponse
+    from pydantic import BaseModel
+
+    if isinstance(response, StreamingResponse):
+        response.body_iterator = _stream(response.body_iterator, call, chat)
+        return response
+    if not isinstance(response, BaseModel):
+        return response  # an error response
+    data = json.loads(response.model_dump_json(by_alias=True))
+    if chat:
+        for choice in data.get("choices") or []:
+            choice["message"]["reasoning_content"] = choice["message"].get("reasoning_content") or call.reasoning_text()
+    data[EXTENSION] = call.summary()
+    return Response(content=json.dumps(data), media_type="application/json")
+
+
+async def _stream(chunks, call: ThinkMergeCall, chat: bool):
+    """SGLang's SSE chunks, with the call's progress before them and its results at the end."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def frame(choices: list, extension: dict) -> str:
+        body = {"id": call.rid, "object": kind, "created": call.created, "model": call.model, "choices": choices,
+                EXTENSION: extension}
+        return f"data: {json.dumps(body)}\n\n"
+
+    chunks = chunks.__aiter__()
+    step = event = None
+    try:
+        while True:
+            step = step or asyncio.ensure_future(chunks.__anext__())
+            event = asyncio.ensure_future(call.events.get())
+            await asyncio.wait({step, event}, return_when=asyncio.FIRST_COMPLETED)
+            progress = [event.result()] if event.done() else []
+            event.cancel()
+            while not call.events.empty():  # all progress so far goes before the next answer chunk
+                progress.append(call.events.get_nowait())
+            for item in progress:
+                yield frame([], item)
+                if chat and item["phase"] == "answering":
+                    delta = {"role": "assistant", "reasoning_content": call.reasoning_text()}
+                    yield frame([{"index": 0, "delta": delta, "finish_reason": None}], item)
+            if step.done():
+                try:
+                    chunk = step.result()
+                except StopAsyncIteration:
+                    return
+                step = None
+                text = chunk.decode() if isinstance(chunk, bytes) else chunk
+                if text.strip() == "data: [DONE]":
+                    yield frame([], {"phase": "done", **call.summary()})
+                yield chunk
+    finally:
+        for task in (step, event):
+            if task is not None and not task.done():
+                task.cancel()
+        if step is not None:
+            await asyncio.gather(step, return_exceptions=True)  # let the flow abort what runs
+
+
+# (target, kind, function), as in sgl_merge.runtime.hooks.HOOKS
+HOOKS = [
+    ("sglang.srt.entrypoints.openai.serving_base.OpenAIServingBase.handle_request", "AROUND", handle_request),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", "AROUND", generate_request),
+]

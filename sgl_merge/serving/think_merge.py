@@ -1,0 +1,261 @@
+"""The `think_merge` request field, and the ThinkMerge flow the server runs for one such call.
+
+    {"think_merge": {"k": 4, "mode": "logits", "first": null, "thinking_budget": 4096,
+                     "thinking_temperature": 0.6}}
+
+The flow stands in for the one generation an OpenAI route would run: k thinking traces from the
+route's prompt (opened with `<think>` unless the prompt already opens it, closed with `</think>` if
+a trace runs out of budget), then the route's own generation as one merge group whose members are
+the traces' exact token ids, so the radix cache serves each member's whole context. Its outputs are
+the leader's, shaped like the route's single generation, with usage counting every generated token;
+SGLang builds the response from them as usual (tool-call parsing, finish reasons, SSE framing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+from sgl_merge.runtime.spec import KEY, MODES
+
+FIELD = "think_merge"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+DEFAULTS = {"k": None, "mode": "logits", "first": None, "thinking_budget": 4096, "thinking_temperature": 0.6}
+
+
+class ThinkMergeError(ValueError):
+    """Bad input for a think_merge call: a 400 whose message names the field `param`."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ThinkMergeConfig:
+    k: int
+    mode: str = "logits"
+    first: int | None = None
+    thinking_budget: int = 4096
+    thinking_temperature: float = 0.6
+
+    @property
+    def merged(self) -> int:
+        """How many traces answer as one: the first `first` of the k to finish thinking, else all k."""
+        return self.first or self.k
+
+
+def _integer(entry: dict, name: str, low: int, high: int | None = None) -> int:
+    value = entry[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ThinkMergeError(f"{FIELD}.{name}", f"{FIELD}.{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def parse_config(entry, max_group: int | None) -> ThinkMergeConfig:
+    """The call's config; ThinkMergeError naming the field for anything malformed. `max_group` is
+    the largest merge group the server can run (its --max-running-requests)."""
+    if not isinstance(entry, dict):
+        raise ThinkMergeError(FIELD, f'{FIELD} must be an object like {{"k": 4}}, got {type(entry).__name__}')
+    unknown = sorted(set(entry) - set(DEFAULTS))
+    if unknown:
+        raise ThinkMergeError(f"{FIELD}.{unknown[0]}",
+                              f"{FIELD} has unknown key(s) {unknown}; allowed: {list(DEFAULTS)}")
+    entry = {**DEFAULTS, **{key: value for key, value in entry.items() if value is not None}}
+    if entry["k"] is None:
+        raise ThinkMergeError(f"{FIELD}.k", f"{FIELD}.k is required: the number of thinking traces")
+    k = _integer(entry, "k", 1)
+    if max_group is not None and k > max_group:
+        raise ThinkMergeError(f"{FIELD}.k", f"{FIELD}.k is {k}, but this server runs at most {max_group} requests "
+                              "at once (--max-running-requests); lower k or restart the server with a larger limit")
+    first = None if entry["first"] is None else _integer(entry, "first", 1, k)
+    if entry["mode"] not in MODES:
+        raise ThinkMergeError(f"{FIELD}.mode", f"{FIELD}.mode must be one of {list(MODES)}, got {entry['mode']!r}")
+    temperature = entry["thinking_temperature"]
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ThinkMergeError(f"{FIELD}.thinking_temperature",
+                              f"{FIELD}.thinking_temperature must be a number >= 0, got {temperature!r}")
+    return ThinkMergeConfig(k=k, mode=entry["mode"], first=first,
+                            thinking_budget=_integer(entry, "thinking_budget", 1),
+                            thinking_temperature=float(temperature))
+
+
+def think_token_ids(tokenizer) -> tuple[int, int] | None:
+    """(open, close) ids of the thinking delimiters, or None for a model that has no such tokens."""
+    ids = []
+    for token in (THINK_OPEN, THINK_CLOSE):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.decode([token_id]) != token:
+            return None
+        ids.append(token_id)
+    return ids[0], ids[1]
+
+
+@dataclass
+class ThinkMergeCall:
+    """One think_merge call: its config and what it has done so far, read by the response."""
+
+    config: ThinkMergeConfig
+    rid: str  # the leader's request id; also the merge group's id and the traces' rid prefix
+    model: str
+    close_id: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # progress, for streaming
+    started: bool = False
+    outcomes: list[str] = field(default_factory=list)  # of every launched trace
+    thinking_tokens: list[int] = field(default_factory=list)  # generated by every launched trace
+    traces: list[str] = field(default_factory=list)  # the merged traces' text, in launch order
+    agreement: list[float | None] = field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    answer_tokens: int = 0
+
+    def summary(self) -> dict:
+        """The `sgl_merge` extension field of the response."""
+        return {"k": self.config.k, "first": self.config.first, "mode": self.config.mode,
+                "trace_outcomes": self.outcomes, "thinking_tokens": self.thinking_tokens,
+                "answer_tokens": self.answer_tokens, "agreement": self.agreement, "traces": self.traces}
+
+    def reasoning_text(self) -> str:
+        """All merged traces as one `reasoning_content`, each under its own header."""
+        n = len(self.traces)
+        return "\n\n".join(f"[trace {i + 1}/{n}]\n{text}" for i, text in enumerate(self.traces))
+
+
+# ------------------------------------------------------------------ the flow
+
+
+async def run(original, manager, obj, raw_request, call: ThinkMergeCall):
+    """Stands in for `TokenizerManager.generate_request(obj)` of a think_merge call (`original`
+    is SGLang's): yields the merged answer's outputs as the leader's. On any exit, a client
+    disconnect included, every trace and member still running is aborted."""
+    rids: list[str] = []
+    followers: list[asyncio.Future] = []
+    try:
+        traces = await _think(original, manager, obj, raw_request, call, rids)
+        members = _members(obj, call, traces)
+        rids += [m.rid for m in members]
+        followers = [asyncio.ensure_future(_last(original(manager, m, raw_request))) for m in members[1:]]
+        async for out in original(manager, members[0], raw_request):
+            if out["meta_info"].get("finish_reason") is not None:
+                rest = await asyncio.gather(*followers)  # members finish in the same step
+                call.agreement = [(o["meta_info"].get(KEY) or {}).get("agreement") for o in (out, *rest)]
+            yield _account(out, call)
+    finally:
+        for rid in rids:
+            manager.abort_request(rid)  # a no-op for requests that finished
+        for task in followers:
+            task.cancel()
+
+
+async def _last(outputs):
+    out = None
+    async for out in outputs:
+        pass
+    return out
+
+
+def _trace_prompt(tokenizer, obj) -> dict:
+    """The traces' prompt: the route's, opened with `<think>` unless it already ends with it (chat
+    templates that open thinking themselves)."""
+    if obj.input_ids is not None:
+        ids = list(obj.input_ids)
+        if not tokenizer.decode(ids[-8:], skip_special_tokens=False).rstrip().endswith(THINK_OPEN):
+            ids += tokenizer.encode(THINK_OPEN + "\n", add_special_tokens=False)
+        return {"input_ids": ids}
+    text = obj.text
+    return {"text": text if text.rstrip().endswith(THINK_OPEN) else text + THINK_OPEN + "\n"}
+
+
+async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids: list[str]) -> list[dict]:
+    """Launch k traces; return the outputs of the first `merged` to finish, in launch order."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    cfg = call.config
+    prompt = _trace_prompt(manager.tokenizer, obj)
+    params = {"max_new_tokens": cfg.thinking_budget, "temperature": cfg.thinking_temperature,
+              "skip_special_tokens": False, "stop_token_ids": [call.close_id]}
+    reqs = [GenerateReqInput(**prompt, sampling_params=dict(params), rid=f"{call.rid}-think-{i}",
+                             return_prompt_token_ids=True, lora_path=obj.lora_path)
+            for i in range(cfg.k)]
+    rids += [r.rid for r in reqs]
+    index = {asyncio.ensure_future(_last(original(manager, r, raw_request))): i for i, r in enumerate(reqs)}
+    call.outcomes = ["aborted"] * cfg.k
+    finished: dict[int, dict] = {}
+    errors: list[str] = []
+    pending = set(index)
+    try:
+        while pending and len(finished) < cfg.merged:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=index.get):
+                i = index[task]
+                out = None if task.exception() else task.result()
+                if out is None or (out["meta_info"].get("finish_reason") or {}).get("type") == "abort":
+                    call.outcomes[i] = "failed"
+                    errors.append(str(task.exception() or out["meta_info"]["finish_reason"]))
+                elif len(finished) < cfg.merged:
+                    finished[i] = out
+                    call.outcomes[i] = "merged"
+                else:
+                    call.outcomes[i] = "finished, unused"
+            call.events.put_nowait({"phase": "thinking", "traces_finished": len(finished), "k": cfg.k,
+                                    "needed": cfg.merged})
+    finally:
+        for task in pending:
+            manager.abort_request(reqs[index[task]].rid)
+        await asyncio.gather(*pending, return_exceptions=True)
+    call.thinking_tokens = [_generated(task) for task in index]
+    if len(finished) < cfg.merged:
+        raise ValueError(f"think_merge: only {len(finished)} of the {cfg.merged} thinking traces needed finished"
+                         + (f": {errors[0]}" if errors else ""))
+    traces = [finished[i] for i in sorted(finished)]
+    call.traces = [t["text"].removesuffix(THINK_CLOSE).strip() for t in traces]
+    call.prompt_tokens = traces[0]["meta_info"]["prompt_tokens"]
+    call.cached_tokens = traces[0]["meta_info"].get("cached_tokens", 0)
+    call.events.put_nowait({"phase": "answering", "thinking_tokens": call.thinking_tokens})
+    return traces
+
+
+def _generated(task: asyncio.Future) -> int:
+    """Tokens a trace generated, finished or aborted (0 if it failed without an output)."""
+    out = None if task.cancelled() or task.exception() else task.result()
+    return out["meta_info"].get("completion_tokens", 0) if out else 0
+
+
+def _members(obj, call: ThinkMergeCall, traces: list[dict]) -> list:
+    """The route's generation, once per trace, as one merge group; member 0 (the leader) keeps the
+    route's streaming and logprob settings, the others only decode."""
+    members = []
+    for j, trace in enumerate(traces):
+        thought = list(trace["output_ids"])
+        if not thought or thought[-1] != call.close_id:
+            thought.append(call.close_id)  # ran out of budget: close it, as the frontend does
+        member = copy.copy(obj)
+        member.text, member.input_ids = None, list(trace["prompt_token_ids"]) + thought
+        member.rid = call.rid if j == 0 else f"{call.rid}-member-{j}"
+        params = dict(obj.sampling_params or {})
+        params["custom_params"] = {**(params.get("custom_params") or {}),
+                                   KEY: {"group": call.rid, "size": len(traces), "mode": call.config.mode}}
+        member.sampling_params = params
+        if j:
+            member.stream, member.return_logprob, member.top_logprobs_num = False, False, 0
+            member.return_prompt_token_ids = False
+        members.append(member)
+    return members
+
+
+def _account(out: dict, call: ThinkMergeCall) -> dict:
+    """The leader's output with usage for the whole call: the prompt once, every thinking token of
+    the merged traces as reasoning, and the answer."""
+    meta = dict(out["meta_info"])
+    call.answer_tokens = meta.get("completion_tokens", 0)
+    thinking = sum(call.thinking_tokens)
+    meta.update(prompt_tokens=call.prompt_tokens, cached_tokens=call.cached_tokens,
+                completion_tokens=call.answer_tokens + thinking, reasoning_tokens=thinking)
+    return {**out, "meta_info": meta}
