@@ -1,0 +1,158 @@
+"""The tiny reasoner's task: a chain of modular arithmetic steps, worked out inside `<think>`.
+
+A problem gives a start digit and 5 to 7 numbered operations, all mod 10:
+
+    Start at 7. Mod 10: 1:+5 2:+3 3:-4 4:*3 5:+9. Final value?
+
+and the model thinks one line per operation before it answers:
+
+    <think>
+    1:7+5=2
+    2:2+3=5
+    3:5-4=1
+    4:1*3=3
+    5:3+9=2
+    </think>
+    \\boxed{2}
+
+Why this task: the answer depends on every intermediate line, so a mistake anywhere in the chain
+carries to the end; and every operation is a bijection of the digits (adds, subtracts, and
+multiplies only by 3, 7 or 9, the units coprime to 10), so a wrong intermediate digit always
+gives a wrong final digit (unless a later mistake cancels it) and different mistakes land on
+different wrong answers. The numbered operations let a small model find "the k-th step" by
+content (the index) rather than by counting, so its errors come from the arithmetic, which it is
+trained to be uncertain about (see `scripts/train_tiny_reasoner.py`), not from losing its place.
+That is what makes a vote over parallel traces (and ThinkMerge) beat a single trace.
+
+Thinking traces are short (about 7 tokens a line, 35 to 50 tokens in all), so a CPU demo can run
+hundreds of problems with several traces each.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+MODULUS = 10
+MIN_STEPS = 5
+MAX_STEPS = 7
+# Multipliers coprime to the modulus, so multiplication never merges two wrong values into one.
+MULTIPLIERS = (3, 7, 9)
+
+_HERE = Path(__file__).resolve().parent
+MODEL_DIR = _HERE / "model"
+HELDOUT = _HERE / "heldout.jsonl"
+
+# Seeds: training draws its stream from TRAIN_SEED and skips every held-out question.
+TRAIN_SEED = 0
+HELDOUT_SEED = 1_000_003
+HELDOUT_SIZE = 300
+
+
+def _apply(x: int, op: str, b: int) -> int:
+    if op == "+":
+        return (x + b) % MODULUS
+    if op == "-":
+        return (x - b) % MODULUS
+    return (x * b) % MODULUS
+
+
+def make_problem(rng: random.Random) -> dict:
+    """One problem from `rng`: {"question", "thinking", "answer"} (all str).
+
+    Operations are + and - of 1..9 and * of 3, 7 or 9, in proportion 4:4:2 so multiplication
+    (the hardest table) shows up in most chains without dominating them.
+    """
+    x0 = x = rng.randrange(MODULUS)
+    n = rng.randint(MIN_STEPS, MAX_STEPS)
+    ops, lines = [], []
+    for k in range(1, n + 1):
+        r = rng.random()
+        if r < 0.4:
+            op, b = "+", rng.randint(1, 9)
+        elif r < 0.8:
+            op, b = "-", rng.randint(1, 9)
+        else:
+            op, b = "*", rng.choice(MULTIPLIERS)
+        y = _apply(x, op, b)
+        ops.append(f"{k}:{op}{b}")
+        lines.append(f"{k}:{x}{op}{b}={y}")
+        x = y
+    question = f"Start at {x0}. Mod {MODULUS}: {' '.join(ops)}. Final value?"
+    return {"question": question, "thinking": "\n".join(lines), "answer": str(x)}
+
+
+def make_dataset(n: int, seed: int) -> list[dict]:
+    """`n` problems drawn from `random.Random(seed)`: the same list for the same arguments."""
+    rng = random.Random(seed)
+    return [make_problem(rng) for _ in range(n)]
+
+
+def make_heldout() -> list[dict]:
+    """The shipped held-out set: HELDOUT_SIZE distinct problems from HELDOUT_SEED.
+
+    Training skips every question in it (see the training script), so the two are disjoint.
+    """
+    rng = random.Random(HELDOUT_SEED)
+    seen: set[str] = set()
+    out = []
+    while len(out) < HELDOUT_SIZE:
+        p = make_problem(rng)
+        if p["question"] not in seen:
+            seen.add(p["question"])
+            out.append(p)
+    return out
+
+
+def load_heldout(path: str | Path = HELDOUT) -> list[dict]:
+    """The held-out problems as a list of {"question", "answer"} dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prompt_messages(question: str) -> list[dict]:
+    """Chat messages for the model's chat template: just the question as a user turn.
+
+    The template does not open `<think>`; the model writes `<think>\\n` itself, as it was trained.
+    """
+    return [{"role": "user", "content": question}]
+
+
+def prompt_text(question: str) -> str:
+    """The prompt the chat template renders (with add_generation_prompt), as a plain string."""
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def completion_text(problem: dict) -> str:
+    """The assistant's target text: thinking, then the boxed answer right after `</think>`."""
+    return f"<think>\n{problem['thinking']}\n</think>\n\\boxed{{{problem['answer']}}}<|im_end|>"
+
+
+def training_text(problem: dict) -> str:
+    """The exact text the model is trained on: prompt followed by completion."""
+    return prompt_text(problem["question"]) + completion_text(problem)
+
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def extract_answer(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` in `text` (stripped), or None if there is none.
+
+    Same convention as math-verify style graders, so the demo can score any model's output.
+    """
+    found = _BOXED.findall(text)
+    return found[-1].strip() if found else None
+
+
+def is_correct(text: str, answer: str) -> bool:
+    """Whether the last boxed answer in `text` equals `answer` (as integers when both parse)."""
+    got = extract_answer(text)
+    if got is None:
+        return False
+    try:
+        return int(got) == int(str(answer).strip())
+    except ValueError:
+        return got == str(answer).strip()

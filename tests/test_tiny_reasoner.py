@@ -1,0 +1,101 @@
+"""The bundled tiny reasoner: its task's determinism and scoring, and the shipped model and data."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from sgl_merge.tiny_reasoner import HELDOUT, MODEL_DIR, task
+
+
+def test_dataset_is_deterministic():
+    a = task.make_dataset(50, seed=3)
+    assert a == task.make_dataset(50, seed=3)
+    assert a != task.make_dataset(50, seed=4)
+    assert task.make_problem(random.Random(9)) == task.make_problem(random.Random(9))
+
+
+def test_thinking_chain_computes_the_answer():
+    for p in task.make_dataset(200, seed=1):
+        lines = p["thinking"].split("\n")
+        assert task.MIN_STEPS <= len(lines) <= task.MAX_STEPS
+        x = int(p["question"].split("Start at ")[1].split(".")[0])
+        for k, line in enumerate(lines, 1):
+            idx, expr = line.split(":")
+            lhs, rhs = expr.split("=")
+            assert int(idx) == k and int(lhs[0]) == x and f" {k}:{lhs[1:]}" in p["question"]
+            x = eval(lhs) % task.MODULUS
+            assert int(rhs) == x
+        assert p["answer"] == str(x)
+
+
+def test_training_text_has_the_answer_right_after_think():
+    p = task.make_problem(random.Random(0))
+    text = task.training_text(p)
+    assert text.startswith(f"<|im_start|>user\n{p['question']}<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    assert text.endswith(f"{p['thinking']}\n</think>\n\\boxed{{{p['answer']}}}<|im_end|>")
+    assert task.prompt_messages(p["question"]) == [{"role": "user", "content": p["question"]}]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>\n1:3+4=7\n</think>\n\\boxed{7}", "7"),
+    ("\\boxed{1} then \\boxed{ 42 }", "42"),
+    ("no box here", None),
+    ("\\boxed{}", ""),
+])
+def test_extract_answer(text, expected):
+    assert task.extract_answer(text) == expected
+
+
+def test_is_correct():
+    assert task.is_correct("</think>\n\\boxed{3}<|im_end|>", "3")
+    assert task.is_correct("\\boxed{03}", "3")
+    assert not task.is_correct("\\boxed{4}", "3")
+    assert not task.is_correct("</think>\n3", "3")
+    assert not task.is_correct("\\boxed{x}", "3")
+
+
+def test_shipped_model_directory():
+    files = {f.name for f in MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "special_tokens_map.json"} <= files
+    size = sum(f.stat().st_size for f in MODEL_DIR.iterdir() if f.is_file())
+    assert size <= 10 * 1024 * 1024
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]
+    assert config["num_attention_heads"] % config["num_key_value_heads"] == 0
+    assert "chat_template" in json.loads((MODEL_DIR / "tokenizer_config.json").read_text())
+
+
+def test_shipped_model_loads_and_answers_in_format():
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = Qwen2ForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    for t in ("<think>", "</think>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
+    p = task.load_heldout()[0]
+    prompt = tok.apply_chat_template(task.prompt_messages(p["question"]), tokenize=False,
+                                     add_generation_prompt=True)
+    assert prompt == task.prompt_text(p["question"])
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=80, do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0, enc["input_ids"].shape[1]:])
+    assert text.startswith("<think>\n1:") and "</think>\n\\boxed{" in text
+    assert task.extract_answer(text) is not None
+
+
+def test_shipped_heldout():
+    rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
+    assert len(rows) == 300
+    assert all(set(r) == {"question", "answer"} for r in rows)
+    assert len({r["question"] for r in rows}) == 300
+    assert rows == [{"question": p["question"], "answer": p["answer"]} for p in task.make_heldout()]
+    # Disjoint from training by construction: the training stream skips these questions; and
+    # the task's own default training seed happens not to produce them anyway.
+    train = {p["question"] for p in task.make_dataset(5000, seed=task.TRAIN_SEED)}
+    assert not train & {r["question"] for r in rows}
