@@ -15,54 +15,13 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_HERE) if os.path.abspath(p or ".") == _HERE else p for p in sys.path]
 
-import re  # noqa: E402
-import resource  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
 import sglang as sgl  # noqa: E402
 
 from sgl_merge import think_merge  # noqa: E402
+from sgl_merge.evaluation.sandbox import Verdict, extract_code, run_tests  # noqa: E402,F401
 from programs._common import answer_tokens, load_jsonl, parser, print_table  # noqa: E402
 
 PROMPT = "Write Python code for this task. Answer with one ```python block.\nTask: {prompt}\n<think>\n"
-
-
-@dataclass
-class Verdict:
-    passed: bool
-    reason: str  # "passed", "failed: <last line>", "timeout", "memory limit"
-
-
-def extract_code(text: str) -> str:
-    blocks = re.findall(r"```(?:python)?\n(.*?)```", text or "", flags=re.S)
-    return blocks[-1] if blocks else (text or "")
-
-
-def run_tests(code: str, tests: str, timeout_s: float = 10.0, memory_mb: int = 512) -> Verdict:
-    """Run `code` then `tests` in a fresh, isolated Python process limited to `timeout_s` of wall
-    time (CPU time too) and `memory_mb` of address space."""
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        cpu = int(timeout_s) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-
-    try:
-        # The program goes on stdin: generated text may hold bytes an argv cannot (NUL).
-        proc = subprocess.run([sys.executable, "-I", "-"], input=code + "\n\n" + tests, capture_output=True,
-                              text=True, errors="replace", timeout=timeout_s, preexec_fn=limit)
-    except subprocess.TimeoutExpired:
-        return Verdict(False, "timeout")
-    if proc.returncode == 0:
-        return Verdict(True, "passed")
-    if proc.returncode == -signal.SIGXCPU:
-        return Verdict(False, "timeout")
-    if "MemoryError" in proc.stderr or proc.returncode == -signal.SIGKILL:
-        return Verdict(False, "memory limit")
-    err = proc.stderr.strip().splitlines()
-    return Verdict(False, f"failed: {err[-1] if err else f'exit code {proc.returncode}'}")
 
 
 @sgl.function

@@ -17,7 +17,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -106,23 +105,10 @@ def main() -> None:
         bench_kernel(kernel_args)
     if args.skip_server:
         return
-    if args.url:
-        bench_server(args.url, args.groups, args.k, args.tokens, args.prompt_len, args.rounds)
-        return
-    from sgl_merge.server import ServerProcess, describe
-    from sgl_merge.testing import build_tiny_model, free_port
+    from sgl_merge.server import running
 
-    with tempfile.TemporaryDirectory(prefix="sgl-merge-bench-") as tmp:
-        model = args.model_path or str(build_tiny_model(Path(tmp) / "model"))
-        server = ServerProcess.prepare(["--model-path", model, "--device", "cpu", "--port", str(free_port())],
-                                       log_path=str(Path(tmp) / "server.log"))
-        print("starting a CPU server...", flush=True)
-        try:
-            server.start()
-            print(describe(server), flush=True)
-            bench_server(server.url, args.groups, args.k, args.tokens, args.prompt_len, args.rounds)
-        finally:
-            server.stop()
+    with running(args.url, args.model_path) as url:
+        bench_server(url, args.groups, args.k, args.tokens, args.prompt_len, args.rounds)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """`sgl-merge`: the command line.
 
     sgl-merge serve [SGLang server arguments]   an SGLang server with the sgl-merge plugin
-    sgl-merge demo [--model-path DIR]           the main job on the embedded default (CPU)
+    sgl-merge demo [--url URL | --model-path DIR]
+                                                the main job on the embedded default (CPU): single
+                                                trace vs vote@k vs ThinkMerge@k, table and plot
+    sgl-merge eval --dataset FILE.jsonl [--url URL | --model-path DIR] [--task math|code]
+                                                the same comparison on your model and data
 """
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
-import tempfile
-import uuid
-from pathlib import Path
 
 from sgl_merge import __version__
 
@@ -72,60 +72,18 @@ def serve(argv: list[str]) -> int:
 
 
 def demo(argv: list[str]) -> int:
-    """Placeholder until the bundled reasoner lands: start a CPU server on a small random model
-    (or --model-path), run one batched generation and one merge group through it."""
-    import requests
+    from sgl_merge.evaluation.commands import demo as run_demo
 
-    from sgl_merge.server import ServerProcess, ServerStartError, describe
-    from sgl_merge.testing import build_tiny_model
-
-    parser = argparse.ArgumentParser(prog="sgl-merge demo", description=demo.__doc__)
-    parser.add_argument("--model-path", help="model directory (default: a small random model)")
-    parser.add_argument("--port", type=int, default=30000)
-    args = parser.parse_args(argv)
-    print(
-        "sgl-merge demo (placeholder): the bundled reasoning model and the accuracy comparison "
-        "are not shipped yet; this starts the CPU server, runs one generation and one merge group.",
-        flush=True,
-    )
-    with tempfile.TemporaryDirectory(prefix="sgl-merge-demo-") as tmp:
-        model = args.model_path or str(build_tiny_model(Path(tmp) / "model"))
-        server = ServerProcess.prepare(
-            ["--model-path", model, "--device", "cpu", "--port", str(args.port)],
-            log_path=str(Path(tmp) / "server.log"),
-        )
-        try:
-            print("starting the CPU server (about 20-30 s)...", flush=True)
-            server.start()
-            print(describe(server), flush=True)
-            prompts = ["Think step by step: 12 + 30 =", "def add(a, b):"]
-            out = requests.post(
-                f"{server.url}/generate",
-                json={"text": prompts, "sampling_params": {"max_new_tokens": 16, "temperature": 0}},
-                timeout=120,
-            ).json()
-            for prompt, item in zip(prompts, out):
-                print(f"{prompt!r} -> {item['text']!r} ({item['meta_info']['completion_tokens']} tokens)")
-            merge = {"group": f"demo-{uuid.uuid4().hex}", "size": len(prompts)}
-            merged = requests.post(
-                f"{server.url}/generate",
-                json={"text": prompts, "sampling_params": {"max_new_tokens": 16, "temperature": 0,
-                                                           "custom_params": {"sgl_merge": merge}}},
-                timeout=120,
-            ).json()
-            print(f"merged, one answer for both contexts -> {merged[0]['text']!r}")
-            for prompt, item in zip(prompts, merged):
-                print(f"  {prompt!r}: own argmax agreed with the merged token at "
-                      f"{item['meta_info']['sgl_merge']['agreement']:.0%} of steps")
-            return 0
-        except ServerStartError as e:
-            print(f"sgl-merge demo: {e}", file=sys.stderr)
-            return 1
-        finally:
-            server.stop()
+    return run_demo(argv)
 
 
-COMMANDS = {"serve": serve, "demo": demo}
+def evaluate(argv: list[str]) -> int:
+    from sgl_merge.evaluation.commands import evaluate as run_eval
+
+    return run_eval(argv)
+
+
+COMMANDS = {"serve": serve, "demo": demo, "eval": evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

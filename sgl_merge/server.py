@@ -9,12 +9,15 @@ failures.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 
@@ -194,3 +197,27 @@ def describe(server: ServerProcess) -> str:
         f"sgl-merge {__version__} active (sglang {status.get('sglang_version', '?')}) — "
         f"SGLang server listening on {server.url}"
     )
+
+
+@contextlib.contextmanager
+def running(url: str | None, model_path: str | None, flags: list[str] = (), quiet: bool = False):
+    """The URL of a server for a client job: `url` as given, else a server started on `model_path`
+    (or, without one, a small random model) for the duration of the block, then stopped."""
+    if url:
+        yield url.rstrip("/")
+        return
+    from sgl_merge.testing import build_tiny_model, free_port
+
+    with tempfile.TemporaryDirectory(prefix="sgl-merge-") as tmp:
+        model = str(model_path or build_tiny_model(Path(tmp) / "model"))
+        server = ServerProcess.prepare(["--model-path", model, "--port", str(free_port()), *flags],
+                                       log_path=str(Path(tmp) / "server.log"))
+        if not quiet:
+            print("starting the server (on CPU about 30 s)...", flush=True)
+        try:
+            server.start()
+            if not quiet:
+                print(describe(server), flush=True)
+            yield server.url
+        finally:
+            server.stop()

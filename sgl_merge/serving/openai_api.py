@@ -1,10 +1,11 @@
 """Hooks that give SGLang's `/v1/chat/completions` and `/v1/completions` the `think_merge` field.
 
-Two narrow hooks: `handle_request` (AROUND OpenAIServingBase.handle_request) validates the field,
+Narrow hooks: `handle_request` (AROUND OpenAIServingBase.handle_request) validates the field,
 marks the HTTP request as a think_merge call and adds the call's results to the response;
-`generate_request` (AROUND TokenizerManager.generate_request) runs the ThinkMerge flow in place of
-the route's one generation for a marked request. A request without the field never gets past the
-first check, so both routes stay SGLang's own, byte for byte.
+`handle_streaming_request` starts a marked call's stream at once (with progress) instead of after
+its first answer chunk; `generate_request` (AROUND TokenizerManager.generate_request) runs the
+ThinkMerge flow in place of the route's one generation for a marked request. A request without
+the field never gets past the first check, so both routes stay SGLang's own, byte for byte.
 
 The response gains `choices[i].message.reasoning_content` (chat: the merged traces, each under a
 header) and an `sgl_merge` extension object (k, mode, per-trace outcomes and thinking lengths,
@@ -40,10 +41,26 @@ async def handle_request(original, serving, request, raw_request):
     return _with_results(response, call, chat=_is_chat(serving))
 
 
+async def handle_streaming_request(original, serving, adapted_request, request, raw_request):
+    """AROUND the routes' _handle_streaming_request. SGLang waits for the first answer chunk
+    before it sends the headers (so early errors can still be 400s); a think_merge call answers only
+    after thinking, so its stream starts at once, and its progress chunks arrive while it thinks."""
+    from fastapi.responses import StreamingResponse
+
+    call = _call_of(raw_request)
+    if call is None:
+        return await original(serving, adapted_request, request, raw_request)
+    chat = _is_chat(serving)
+    make = serving._generate_chat_stream if chat else serving._generate_completion_stream
+    return StreamingResponse(_stream(make(adapted_request, request, raw_request), call, chat),
+                             media_type="text/event-stream",
+                             background=serving.tokenizer_manager.create_abort_task(adapted_request))
+
+
 def generate_request(original, manager, obj, *args, **kwargs):
     """AROUND TokenizerManager.generate_request: the flow for the one generation of a marked call."""
     raw_request = args[0] if args else kwargs.get("request")
-    call = getattr(getattr(raw_request, "state", None), "sgl_merge", None)
+    call = _call_of(raw_request)
     if call is None or call.started:
         return original(manager, obj, *args, **kwargs)
     call.started = True
@@ -51,6 +68,10 @@ def generate_request(original, manager, obj, *args, **kwargs):
 
 
 # ------------------------------------------------------------------ the request
+
+
+def _call_of(raw_request) -> ThinkMergeCall | None:
+    return getattr(getattr(raw_request, "state", None), "sgl_merge", None)
 
 
 def _is_chat(serving) -> bool:
@@ -108,14 +129,12 @@ async def _max_group_size(manager) -> int | None:
 
 
 def _with_results(response, call: ThinkMergeCall, chat: bool):
-    from fastapi.responses import Response, StreamingResponse
+    """A non-streamed response with the call's results added (streams get them in `_stream`)."""
+    from fastapi.responses import Response
     from pydantic import BaseModel
 
-    if isinstance(response, StreamingResponse):
-        response.body_iterator = _stream(response.body_iterator, call, chat)
-        return response
     if not isinstance(response, BaseModel):
-        return response  # an error response
+        return response  # a stream, or an error response
     data = json.loads(response.model_dump_json(by_alias=True))
     if chat:
         for choice in data.get("choices") or []:
@@ -170,5 +189,9 @@ async def _stream(chunks, call: ThinkMergeCall, chat: bool):
 # (target, kind, function), as in sgl_merge.runtime.hooks.HOOKS
 HOOKS = [
     ("sglang.srt.entrypoints.openai.serving_base.OpenAIServingBase.handle_request", "AROUND", handle_request),
+    ("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._handle_streaming_request", "AROUND",
+     handle_streaming_request),
+    ("sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._handle_streaming_request", "AROUND",
+     handle_streaming_request),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", "AROUND", generate_request),
 ]

@@ -1,0 +1,155 @@
+"""`sgl-merge demo` and `sgl-merge eval`: start or reach a server, evaluate, report.
+
+Both write into one output folder: `results.jsonl` (one line per problem run, appended as it
+finishes, which is what resuming reads), `config.json` (the settings the results were made with;
+a resume with other settings is refused), `summary.json` (the table as data) and `accuracy.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from sgl_merge.evaluation import report, runner
+from sgl_merge.evaluation.runner import EvalConfig, EvalError
+from sgl_merge.server import running
+
+DEMO_DESCRIPTION = """\
+The main job on the embedded default: start the CPU server with the bundled tiny reasoner, run its
+held-out problems (chained mod-10 arithmetic) with a single trace, majority vote@k and ThinkMerge@k
+for k in 2, 4, 8 (every method reads the same 8 thinking traces per problem), print accuracy with
+95% confidence intervals and tokens used, write results and a plot, and stop the server."""
+
+EVAL_DESCRIPTION = """\
+Evaluate single trace, majority vote@k and ThinkMerge@k on your server, model and data.
+Math problems are JSONL lines with "question" and "answer" (checked with math-verify on the last
+\\boxed{} of the answer); code problems have "problem" and "tests" (Python asserts, run in a
+sandboxed subprocess). Results are appended per problem: rerun the same command to resume."""
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k takes integers like 2,4,8, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"--k values must be >= 1, got {text!r}")
+    return ks
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in methods if m not in runner.METHODS]
+    if bad or not methods:
+        raise argparse.ArgumentTypeError(f"--methods takes a list of {list(runner.METHODS)}, got {text!r}")
+    return methods
+
+
+def _add_common(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--url", help="an existing server started with sgl-merge serve (else one is started)")
+    p.add_argument("--model-path", help="start a server with this model instead (with --device cpu on CPU)")
+    p.add_argument("--k", type=_ks, default=(2, 4, 8), help="traces per method, e.g. 2,4,8 (default)")
+    p.add_argument("--concurrency", type=int, default=32, help="problems in flight at once (default 32)")
+    p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
+
+
+def _check_config(out: Path, cfg: EvalConfig, dataset: str) -> None:
+    settings = {"dataset": dataset, **asdict(cfg)}
+    settings.pop("concurrency")
+    path = out / "config.json"
+    if path.exists() and (out / "results.jsonl").exists():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != json.loads(json.dumps(settings)).get(k))
+        if changed:
+            raise EvalError(f"{out} holds results made with other settings ({', '.join(changed)} differ); "
+                            "pass a new --out, or delete that folder to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2))
+
+
+def _evaluate(url: str, problems: list[dict], cfg: EvalConfig, out: Path, title: str) -> dict:
+    start = time.monotonic()
+    records = runner.run(url, problems, cfg, out / "results.jsonl")
+    summary = report.summarize(records, list(cfg.ks))
+    summary["seconds"] = round(time.monotonic() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    report.plot(summary, out / "accuracy.png", title)
+    print()
+    print(report.format_table(summary))
+    print(f"\nresults: {out / 'results.jsonl'}\nsummary: {out / 'summary.json'}\nplot:    {out / 'accuracy.png'}")
+    return summary
+
+
+def _interrupted(command: str, out: Path) -> int:
+    results = out / "results.jsonl"
+    saved = len(results.read_text().splitlines()) if results.exists() else 0
+    print(f"\n{command}: interrupted; {saved} problem runs are saved in {results}. "
+          "Run the same command again to resume.", file=sys.stderr)
+    return 130
+
+
+def demo(argv: list[str]) -> int:
+    from sgl_merge.tiny_reasoner import HELDOUT, MODEL_DIR
+
+    p = argparse.ArgumentParser(prog="sgl-merge demo", description=DEMO_DESCRIPTION)
+    _add_common(p, "sgl-merge-demo")
+    p.add_argument("--problems", type=int, default=300, help="held-out problems to run (default all 300)")
+    args = p.parse_args(argv)
+    args.model_path = args.model_path or MODEL_DIR
+    # The bundled model: the question alone is its prompt; its traces are ~50 tokens, its answer
+    # (\boxed{d}) a handful; answers greedy, as for every method.
+    cfg = EvalConfig(task="math", ks=args.k, prompt="{question}", thinking_budget=128, thinking_temperature=0.7,
+                     answer_tokens=16, answer_temperature=0.0, concurrency=args.concurrency)
+    problems = runner.load_problems(HELDOUT, "math", limit=args.problems)
+    start = time.monotonic()
+    try:
+        _check_config(args.out, cfg, str(HELDOUT))
+        flags = ["--dtype", "float32", "--max-total-tokens", "100000", "--max-running-requests", "512"]
+        with running(args.url, args.model_path, flags) as url:
+            _evaluate(url, problems, cfg, args.out, "sgl-merge demo: bundled tiny reasoner")
+    except (EvalError, RuntimeError) as e:
+        print(f"sgl-merge demo: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return _interrupted("sgl-merge demo", args.out)
+    print(f"\nsgl-merge demo done in {time.monotonic() - start:.0f} s")
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sgl-merge eval", description=EVAL_DESCRIPTION)
+    _add_common(p, "sgl-merge-eval")
+    p.add_argument("--dataset", required=True, help="JSONL file of problems")
+    p.add_argument("--task", choices=("math", "code"), default="math")
+    p.add_argument("--methods", type=_methods, default=runner.METHODS, help="any of single,vote,merge (default all)")
+    p.add_argument("--samples", type=int, default=1, help="independent runs per problem (default 1)")
+    p.add_argument("--limit", type=int, help="only the first N problems")
+    p.add_argument("--prompt", help="prompt template over the problem's fields, e.g. '{question}' "
+                                    "(default: a step-by-step / one python block instruction)")
+    p.add_argument("--thinking-budget", type=int, default=2048)
+    p.add_argument("--thinking-temperature", type=float, default=0.7)
+    p.add_argument("--answer-tokens", type=int, default=256)
+    p.add_argument("--answer-temperature", type=float, default=0.0)
+    p.add_argument("--mode", choices=("logits", "logprobs", "probs"), default="logits")
+    args = p.parse_args(argv)
+    if not args.url and not args.model_path:
+        p.error("give --url of a running sgl-merge server, or --model-path to start one")
+    cfg = EvalConfig(task=args.task, methods=args.methods, ks=args.k, samples=args.samples, prompt=args.prompt,
+                     thinking_budget=args.thinking_budget, thinking_temperature=args.thinking_temperature,
+                     answer_tokens=args.answer_tokens, answer_temperature=args.answer_temperature,
+                     mode=args.mode, concurrency=args.concurrency)
+    try:
+        problems = runner.load_problems(args.dataset, args.task, limit=args.limit)
+        _check_config(args.out, cfg, str(Path(args.dataset).resolve()))
+        with running(args.url, args.model_path) as url:
+            _evaluate(url, problems, cfg, args.out, f"sgl-merge eval: {Path(args.dataset).name}")
+    except (EvalError, RuntimeError, OSError) as e:
+        print(f"sgl-merge eval: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return _interrupted("sgl-merge eval", args.out)
+    return 0

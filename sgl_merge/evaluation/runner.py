@@ -1,0 +1,219 @@
+"""Single trace, majority vote@k and ThinkMerge@k on one server, problem by problem.
+
+For each problem (and each of `samples` repeats) n = max(k) thinking traces are generated once and
+every method is read off the same traces, so the methods are compared pairwise:
+
+- single: each trace answers on its own; the problem scores the fraction of its traces that are
+  right (the expected accuracy of one trace);
+- vote@k: the majority answer of the first k traces' own answers (ties: the answer seen first);
+- merge@k: one merge group over the first k traces' contexts answers for all of them.
+
+Contexts travel as exact token ids (the prompt through the server's chat template, the trace as
+generated, `</think>` appended if the budget ran out), so every answer request is served from the
+radix cache. Each finished problem is appended to a JSONL file at once; a rerun with the same file
+skips the problems already there, so an interrupted evaluation loses at most the problems in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import requests
+
+from sgl_merge.evaluation.scoring import correct, vote_key
+
+METHODS = ("single", "vote", "merge")
+MATH_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+CODE_PROMPT = "{problem}\nWrite Python code for this task. Answer with one ```python block."
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot run as asked: the message says what to change."""
+
+
+@dataclass
+class EvalConfig:
+    task: str = "math"
+    methods: tuple[str, ...] = METHODS
+    ks: tuple[int, ...] = (2, 4, 8)
+    samples: int = 1
+    prompt: str | None = None  # format string over the problem's fields; default by task
+    thinking_budget: int = 2048
+    thinking_temperature: float = 0.7
+    answer_tokens: int = 256
+    answer_temperature: float = 0.0
+    mode: str = "logits"
+    concurrency: int = 16
+    code_timeout_s: float = 10.0
+
+    @property
+    def traces(self) -> int:
+        return max(self.ks) if set(self.methods) & {"vote", "merge"} else 1
+
+    def prompt_for(self, problem: dict) -> str:
+        template = self.prompt or (MATH_PROMPT if self.task == "math" else CODE_PROMPT)
+        try:
+            return template.format(**problem)
+        except KeyError as e:
+            raise EvalError(f"the prompt template needs field {e} but a problem has only {sorted(problem)}") from e
+
+
+class Server:
+    """The few server calls an evaluation makes, with the model's thinking delimiters."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.open_ids = self.tokenize("<think>")
+        close = self.tokenize("</think>")
+        if len(self.open_ids) != 1 or len(close) != 1:
+            raise EvalError(f"the model at {self.url} has no single <think> / </think> tokens; "
+                            "the evaluation needs a thinking model")
+        self.close_id = close[0]
+        self.think_prefix = self.tokenize("<think>\n")
+
+    def post(self, path: str, body: dict):
+        r = requests.post(f"{self.url}{path}", json=body, timeout=None)
+        if r.status_code != 200:
+            raise EvalError(f"{path} failed with HTTP {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+
+    def prompt_ids(self, content: str) -> list[int]:
+        """The chat-templated prompt as the server renders it, opened with `<think>`."""
+        out = self.post("/v1/chat/completions", {"model": "default", "messages": [{"role": "user", "content": content}],
+                                                 "max_tokens": 1, "temperature": 0, "return_prompt_token_ids": True})
+        ids = out["choices"][0]["prompt_token_ids"]
+        return ids if self.open_ids[0] in ids[-3:] else ids + self.think_prefix
+
+    def generate(self, input_ids: list[list[int]], sampling: list[dict]) -> list[dict]:
+        return self.post("/generate", {"input_ids": input_ids, "sampling_params": sampling})
+
+
+def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
+    """One problem, one sample: the traces, each method's answer and whether it is right."""
+    prompt = server.prompt_ids(cfg.prompt_for(problem))
+    n = cfg.traces
+    thinking = {"temperature": cfg.thinking_temperature, "max_new_tokens": cfg.thinking_budget,
+                "stop_token_ids": [server.close_id], "skip_special_tokens": False}
+    traces = server.generate([prompt] * n, [thinking] * n)
+    contexts = []
+    for t in traces:
+        ids = t["output_ids"] if t["output_ids"][-1:] == [server.close_id] else t["output_ids"] + [server.close_id]
+        contexts.append(prompt + ids)
+    answer = {"temperature": cfg.answer_temperature, "max_new_tokens": cfg.answer_tokens}
+    inputs, params = [], []
+    if {"single", "vote"} & set(cfg.methods):
+        inputs += contexts
+        params += [answer] * n
+    merge_ks = sorted(cfg.ks) if "merge" in cfg.methods else []
+    for k in merge_ks:
+        group = {"group": uuid.uuid4().hex, "size": k, "mode": cfg.mode}
+        inputs += contexts[:k]
+        params += [{**answer, "custom_params": {"sgl_merge": group}}] * k
+    outs = server.generate(inputs, params)
+    record: dict = {"thinking_tokens": [t["meta_info"]["completion_tokens"] for t in traces]}
+    if {"single", "vote"} & set(cfg.methods):
+        own, outs = outs[:n], outs[n:]
+        record["answers"] = [{"text": o["text"], "tokens": o["meta_info"]["completion_tokens"],
+                              "correct": correct(cfg.task, o["text"], problem, cfg.code_timeout_s)} for o in own]
+        keys = [vote_key(cfg.task, a["text"]) for a in record["answers"]]
+        if "vote" in cfg.methods:
+            record["vote"] = {}
+            for k in cfg.ks:
+                counted = Counter(x for x in keys[:k] if x is not None)
+                if counted:
+                    best = max(counted.values())
+                    winner = next(i for i, x in enumerate(keys[:k]) if x is not None and counted[x] == best)
+                    record["vote"][str(k)] = {"answer": keys[winner], "correct": record["answers"][winner]["correct"]}
+                else:
+                    record["vote"][str(k)] = {"answer": None, "correct": False}
+    if merge_ks:
+        record["merge"] = {}
+        for k in merge_ks:
+            leader, outs = outs[0], outs[k:]
+            record["merge"][str(k)] = {
+                "text": leader["text"], "tokens": leader["meta_info"]["completion_tokens"],
+                "agreement": leader["meta_info"].get("sgl_merge", {}).get("agreement"),
+                "correct": correct(cfg.task, leader["text"], problem, cfg.code_timeout_s)}
+    return record
+
+
+def load_problems(path: str | Path, task: str, limit: int | None = None) -> list[dict]:
+    """The dataset's problems, each checked for the fields its task needs."""
+    need = ("question", "answer") if task == "math" else ("problem", "tests")
+    problems = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                p = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path}:{line_no} is not JSON: {e}") from e
+            missing = [k for k in need if k not in p]
+            if missing:
+                raise EvalError(f"{path}:{line_no} lacks {missing}; a {task} problem needs {list(need)}")
+            problems.append(p)
+            if limit and len(problems) >= limit:
+                break
+    return problems
+
+
+def done_keys(results: Path) -> set[tuple[int, int]]:
+    """(problem, sample) pairs already in a results file; a torn last line (an interrupted write)
+    is dropped so the problem runs again."""
+    keys = set()
+    if results.exists():
+        lines = results.read_text().splitlines()
+        good = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            keys.add((rec["problem"], rec["sample"]))
+            good.append(line)
+        if len(good) != len(lines):
+            results.write_text("".join(g + "\n" for g in good))
+    return keys
+
+
+def run(url: str, problems: list[dict], cfg: EvalConfig, results: Path, progress: bool = True) -> list[dict]:
+    """Evaluate every (problem, sample) not yet in `results`, appending each as it finishes; return
+    all records in the file."""
+    from tqdm import tqdm
+
+    server = Server(url)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = done_keys(results)
+    todo = [(i, s) for i in range(len(problems)) for s in range(cfg.samples) if (i, s) not in done]
+    pool = ThreadPoolExecutor(cfg.concurrency)
+    try:
+        with open(results, "a") as out, tqdm(total=len(todo), desc="problems", unit="problem",
+                                             disable=not progress, dynamic_ncols=True) as bar:
+            if done and progress:
+                bar.write(f"resuming: {len(done)} problem runs already in {results}")
+            futures = {pool.submit(solve, server, cfg, problems[i]): (i, s) for i, s in todo}
+            for future in as_completed(futures):
+                i, s = futures[future]
+                out.write(json.dumps({"problem": i, "sample": s, **future.result()}) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                bar.update()
+    finally:
+        # On Ctrl-C or an error: drop what has not started; what runs finishes and is discarded.
+        pool.shutdown(wait=False, cancel_futures=True)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    return sorted(records, key=lambda r: (r["problem"], r["sample"]))
+
+
+def config_dict(cfg: EvalConfig) -> dict:
+    return asdict(cfg)

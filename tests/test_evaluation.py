@@ -1,0 +1,148 @@
+"""`sgl-merge eval` / `sgl-merge demo`: scoring on fixed cases, the report's statistics, resuming
+an interrupted run against the real server, and the demo on the bundled reasoner."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sgl_merge.evaluation import report
+from sgl_merge.evaluation.sandbox import run_tests
+from sgl_merge.evaluation.scoring import correct, last_boxed, math_correct, vote_key
+from sgl_merge.testing import ServeProcess, free_port
+from sgl_merge.tiny_reasoner import MODEL_DIR
+
+from conftest import TEST_SERVER_FLAGS
+
+
+@pytest.mark.parametrize("answer, reference, right", [
+    ("so the answer is \\boxed{42}", "42", True),
+    ("\\boxed{\\frac{1}{2}}", "0.5", True),
+    ("\\boxed{1/2}", "\\frac12", True),
+    ("\\boxed{x^{2}+1}", "1+x^2", True),
+    ("first \\boxed{3} then \\boxed{4}", "4", True),  # the last boxed answer counts
+    ("\\boxed{\\sqrt{2}}", "2^{1/2}", True),
+    ("\\boxed{41}", "42", False),
+    ("42, no box", "42", False),
+    ("\\boxed{", "42", False),
+])
+def test_math_answers_are_checked_by_math_verify(answer, reference, right):
+    assert math_correct(answer, reference) is right
+
+
+def test_last_boxed_and_vote_keys():
+    assert last_boxed("\\boxed{\\frac{a}{b}} and \\boxed{x_{1}}") == "x_{1}"
+    assert vote_key("math", "so \\boxed{7}") == "7" and vote_key("math", "none") is None
+    one = "```python\ndef f(x):\n    return x  \n\n```"
+    other = "Here:\n```python\ndef f(x):\n\n    return x\n```"
+    assert vote_key("code", one) == vote_key("code", other) == "def f(x):\n    return x"
+
+
+def test_code_answers_run_in_the_sandbox():
+    tests = "assert add(2, 3) == 5"
+    assert correct("code", "```python\ndef add(a, b):\n    return a + b\n```", {"tests": tests})
+    assert not correct("code", "```python\ndef add(a, b):\n    return a - b\n```", {"tests": tests})
+    assert run_tests("while True:\n    pass", "", timeout_s=2).reason == "timeout"
+    assert run_tests("x = []\nwhile True:\n    x.append(bytearray(10**7))", "", memory_mb=200).reason == "memory limit"
+    assert run_tests("import sys; sys.exit(3)", "").reason.startswith("failed")
+
+
+def _record(problem, single, vote, merge, sample=0):
+    return {"problem": problem, "sample": sample, "thinking_tokens": [10, 12],
+            "answers": [{"correct": c, "tokens": 3} for c in single],
+            "vote": {"2": {"correct": vote}}, "merge": {"2": {"correct": merge, "tokens": 3}}}
+
+
+def test_report_intervals_paired_differences_and_tokens(tmp_path):
+    rng = np.random.default_rng(1)
+    records = [_record(i, [bool(rng.random() < 0.5), bool(rng.random() < 0.5)], bool(rng.random() < 0.6),
+                       bool(rng.random() < 0.9)) for i in range(200)]
+    summary = report.summarize(records, [2])
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert set(rows) == {"single", "vote@2", "merge@2"} and summary["problems"] == 200
+    for r in rows.values():
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["ci95"][1] - r["ci95"][0] < 0.2
+    assert rows["single"]["tokens_per_problem"] == 14.0  # mean of (10+3, 12+3)
+    assert rows["vote@2"]["tokens_per_problem"] == 28.0 and rows["merge@2"]["tokens_per_problem"] == 28.0
+    paired = {p["comparison"]: p for p in summary["paired"]}
+    assert paired["merge@2 - single"]["excludes_zero"] and paired["merge@2 - single"]["difference"] > 0.3
+    # samples of one problem count once
+    twice = records + [dict(r, sample=1) for r in records]
+    assert report.summarize(twice, [2])["problems"] == 200
+    report.plot(summary, tmp_path / "a.png", "test")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "merge@2" in report.format_table(summary)
+
+
+def _eval(url, dataset, out, *extra):
+    return [sys.executable, "-m", "sgl_merge.cli", "eval", "--url", url, "--dataset", str(dataset), "--out", str(out),
+            "--k", "2", "--thinking-budget", "8", "--answer-tokens", "4", "--prompt", "{question}", *extra]
+
+
+def test_an_interrupted_eval_resumes_without_recomputing(server, tmp_path):
+    dataset = tmp_path / "math.jsonl"
+    dataset.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                               for i in range(8)))
+    out = tmp_path / "out"
+    results = out / "results.jsonl"
+    proc = subprocess.Popen(_eval(server.url, dataset, out, "--concurrency", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle
+    proc.wait(timeout=60)
+    before = results.read_text().splitlines()
+    assert 2 <= len(before) < 8
+    with open(results, "a") as f:
+        f.write('{"problem": 7, "sam')  # a line torn by the interruption
+    again = subprocess.run(_eval(server.url, dataset, out), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming: {len(before)} problem runs" in again.stdout + again.stderr
+    after = results.read_text().splitlines()
+    assert after[:len(before)] == before  # finished problems kept, not recomputed
+    assert sorted(json.loads(line)["problem"] for line in after) == list(range(8))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 8 and {r["name"] for r in summary["rows"]} == {"single", "vote@2", "merge@2"}
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    other = subprocess.run(_eval(server.url, dataset, out, "--k", "4"), capture_output=True, text=True)
+    assert other.returncode == 1 and "other settings" in other.stderr and "ks" in other.stderr
+
+
+def test_eval_reports_bad_datasets_by_line(server, tmp_path):
+    dataset = tmp_path / "bad.jsonl"
+    dataset.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n" + json.dumps({"question": "x"}) + "\n")
+    r = subprocess.run(_eval(server.url, dataset, tmp_path / "out"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"{dataset}:2 lacks ['answer']" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def reasoner_server(tmp_path_factory):
+    """The bundled tiny reasoner served like any model directory."""
+    log = tmp_path_factory.mktemp("reasoner") / "server.log"
+    with ServeProcess(["--model-path", str(MODEL_DIR), "--port", str(free_port()), *TEST_SERVER_FLAGS],
+                      log_path=log) as srv:
+        yield srv
+
+
+def test_demo_runs_the_methods_on_the_bundled_reasoner(reasoner_server, tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "sgl_merge.cli", "demo", "--url", reasoner_server.url,
+                        "--problems", "24", "--k", "2,4", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("single", "vote@2", "vote@4", "merge@2", "merge@4", "merge@4 - single"):
+        assert name in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {row["name"]: row for row in summary["rows"]}
+    assert summary["problems"] == 24
+    assert 0.3 <= rows["single"]["accuracy"] <= 0.95  # the bundled model is right only part of the time
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert all(len(rec["thinking_tokens"]) == 4 and 20 <= np.mean(rec["thinking_tokens"]) <= 128 for rec in records)
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
