@@ -7,6 +7,7 @@ answers run against the problem's tests in the sandbox.
 
 from __future__ import annotations
 
+import logging
 import re
 
 from sgl_merge.evaluation.sandbox import extract_code, run_tests
@@ -32,6 +33,7 @@ def math_correct(answer_text: str, reference: str) -> bool:
     """Whether the answer's last boxed expression equals the reference, by math-verify."""
     from math_verify import parse, verify
 
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its one-time "no timeout" warning
     got = last_boxed(answer_text)
     if got is None:
         return False
