@@ -18,7 +18,7 @@ sys.path[:] = [os.path.dirname(_HERE) if os.path.abspath(p or ".") == _HERE else
 import sglang as sgl  # noqa: E402
 
 from sgl_merge import think_merge  # noqa: E402
-from sgl_merge.evaluation.sandbox import Verdict, extract_code, run_tests  # noqa: E402,F401
+from sgl_merge.evaluation.sandbox import extract_code, run_tests  # noqa: E402
 from programs._common import answer_tokens, load_jsonl, parser, print_table  # noqa: E402
 
 PROMPT = "Write Python code for this task. Answer with one ```python block.\nTask: {prompt}\n<think>\n"

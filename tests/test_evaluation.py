@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sgl_merge.evaluation import report
-from sgl_merge.evaluation.sandbox import run_tests
+from sgl_merge.evaluation.sandbox import extract_code, run_tests
 from sgl_merge.evaluation.scoring import correct, last_boxed, math_correct, vote_key
 from sgl_merge.testing import ServeProcess, free_port
 from sgl_merge.tiny_reasoner import MODEL_DIR
@@ -48,6 +48,8 @@ def test_code_answers_run_in_the_sandbox():
     tests = "assert add(2, 3) == 5"
     assert correct("code", "```python\ndef add(a, b):\n    return a + b\n```", {"tests": tests})
     assert not correct("code", "```python\ndef add(a, b):\n    return a - b\n```", {"tests": tests})
+    assert run_tests("def add(a, b):\n    return a - b", tests).reason.startswith("failed: AssertionError")
+    assert extract_code("text\n```python\nprint(1)\n```\n") == "print(1)\n"
     assert run_tests("while True:\n    pass", "", timeout_s=2).reason == "timeout"
     assert run_tests("x = []\nwhile True:\n    x.append(bytearray(10**7))", "", memory_mb=200).reason == "memory limit"
     assert run_tests("import sys; sys.exit(3)", "").reason.startswith("failed")
@@ -88,7 +90,7 @@ def _eval(url, dataset, out, *extra):
 def test_an_interrupted_eval_resumes_without_recomputing(server, tmp_path):
     dataset = tmp_path / "math.jsonl"
     dataset.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-                               for i in range(8)))
+                               for i in range(40)))
     out = tmp_path / "out"
     results = out / "results.jsonl"
     proc = subprocess.Popen(_eval(server.url, dataset, out, "--concurrency", "1"),
@@ -99,17 +101,17 @@ def test_an_interrupted_eval_resumes_without_recomputing(server, tmp_path):
     proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle
     proc.wait(timeout=60)
     before = results.read_text().splitlines()
-    assert 2 <= len(before) < 8
+    assert 2 <= len(before) < 40
     with open(results, "a") as f:
-        f.write('{"problem": 7, "sam')  # a line torn by the interruption
+        f.write('{"problem": 39, "sam')  # a line torn by the interruption
     again = subprocess.run(_eval(server.url, dataset, out), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming: {len(before)} problem runs" in again.stdout + again.stderr
     after = results.read_text().splitlines()
     assert after[:len(before)] == before  # finished problems kept, not recomputed
-    assert sorted(json.loads(line)["problem"] for line in after) == list(range(8))
+    assert sorted(json.loads(line)["problem"] for line in after) == list(range(40))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["problems"] == 8 and {r["name"] for r in summary["rows"]} == {"single", "vote@2", "merge@2"}
+    assert summary["problems"] == 40 and {r["name"] for r in summary["rows"]} == {"single", "vote@2", "merge@2"}
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     other = subprocess.run(_eval(server.url, dataset, out, "--k", "4"), capture_output=True, text=True)
     assert other.returncode == 1 and "other settings" in other.stderr and "ks" in other.stderr

@@ -36,18 +36,6 @@ def test_math_program_scores_three_methods(server, tmp_path):
         assert method in out.stdout
 
 
-def test_code_sandbox_limits():
-    ok = code_program.run_tests("def add(a, b):\n    return a + b", "assert add(2, 3) == 5")
-    assert ok.passed and ok.reason == "passed"
-    wrong = code_program.run_tests("def add(a, b):\n    return a - b", "assert add(2, 3) == 5")
-    assert not wrong.passed and wrong.reason.startswith("failed: AssertionError")
-    loop = code_program.run_tests("while True:\n    pass", "", timeout_s=2)
-    assert loop.reason == "timeout"
-    hog = code_program.run_tests("x = []\nwhile True:\n    x.append(bytearray(10**7))", "", memory_mb=200)
-    assert hog.reason == "memory limit"
-    assert code_program.extract_code("text\n```python\nprint(1)\n```\n") == "print(1)\n"
-
-
 def test_code_program_runs_end_to_end(server):
     problems = [{"prompt": "add two numbers", "tests": "assert add(1, 2) == 3"}]
     results = code_program.evaluate(problems, server.url, 2, think_tokens=16, answer_tokens=32)
