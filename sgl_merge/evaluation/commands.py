@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import requests
+
 from sgl_merge.evaluation import report, runner
 from sgl_merge.evaluation.runner import EvalConfig, EvalError
 from sgl_merge.server import running
@@ -52,7 +54,7 @@ def _methods(text: str) -> tuple[str, ...]:
 def _add_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--url", help="an existing server started with sgl-merge serve (else one is started)")
     p.add_argument("--model-path", help="start a server with this model instead (with --device cpu on CPU)")
-    p.add_argument("--k", type=_ks, default=(2, 4, 8), help="traces per method, e.g. 2,4,8 (default)")
+    p.add_argument("--k", type=_ks, default=(2, 4, 8), help="values of k, comma-separated (default 2,4,8)")
     p.add_argument("--concurrency", type=int, default=32, help="problems in flight at once (default 32)")
     p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
 
@@ -111,7 +113,7 @@ def demo(argv: list[str]) -> int:
         flags = ["--dtype", "float32", "--max-total-tokens", "100000", "--max-running-requests", "512"]
         with running(args.url, args.model_path, flags) as url:
             _evaluate(url, problems, cfg, args.out, "sgl-merge demo: bundled tiny reasoner")
-    except (EvalError, RuntimeError) as e:
+    except (EvalError, RuntimeError, requests.RequestException) as e:
         print(f"sgl-merge demo: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -124,17 +126,20 @@ def evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sgl-merge eval", description=EVAL_DESCRIPTION)
     _add_common(p, "sgl-merge-eval")
     p.add_argument("--dataset", required=True, help="JSONL file of problems")
-    p.add_argument("--task", choices=("math", "code"), default="math")
+    p.add_argument("--task", choices=("math", "code"), default="math",
+                   help="math: boxed answers checked with math-verify; code: answers run against tests")
     p.add_argument("--methods", type=_methods, default=runner.METHODS, help="any of single,vote,merge (default all)")
     p.add_argument("--samples", type=int, default=1, help="independent runs per problem (default 1)")
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--prompt", help="prompt template over the problem's fields, e.g. '{question}' "
                                     "(default: a step-by-step / one python block instruction)")
-    p.add_argument("--thinking-budget", type=int, default=2048)
-    p.add_argument("--thinking-temperature", type=float, default=0.7)
-    p.add_argument("--answer-tokens", type=int, default=256)
-    p.add_argument("--answer-temperature", type=float, default=0.0)
-    p.add_argument("--mode", choices=("logits", "logprobs", "probs"), default="logits")
+    p.add_argument("--thinking-budget", type=int, default=2048, help="max tokens per trace (default 2048)")
+    p.add_argument("--thinking-temperature", type=float, default=0.7, help="(default 0.7)")
+    p.add_argument("--answer-tokens", type=int, default=256, help="max answer tokens (default 256)")
+    p.add_argument("--answer-temperature", type=float, default=0.0,
+                   help="for every method's answer (default 0: greedy)")
+    p.add_argument("--mode", choices=("logits", "logprobs", "probs"), default="logits",
+                   help="how merge@k averages the k rows (default logits)")
     args = p.parse_args(argv)
     if not args.url and not args.model_path:
         p.error("give --url of a running sgl-merge server, or --model-path to start one")
@@ -147,7 +152,7 @@ def evaluate(argv: list[str]) -> int:
         _check_config(args.out, cfg, str(Path(args.dataset).resolve()))
         with running(args.url, args.model_path) as url:
             _evaluate(url, problems, cfg, args.out, f"sgl-merge eval: {Path(args.dataset).name}")
-    except (EvalError, RuntimeError, OSError) as e:
+    except (EvalError, RuntimeError, OSError, requests.RequestException) as e:
         print(f"sgl-merge eval: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

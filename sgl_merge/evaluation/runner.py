@@ -78,7 +78,11 @@ class Server:
         self.think_prefix = self.tokenize("<think>\n")
 
     def post(self, path: str, body: dict):
-        r = requests.post(f"{self.url}{path}", json=body, timeout=None)
+        try:
+            r = requests.post(f"{self.url}{path}", json=body, timeout=None)
+        except requests.ConnectionError as e:
+            raise EvalError(f"cannot reach the server at {self.url} ({type(e).__name__}); is it running? "
+                            "Start one with sgl-merge serve, or pass --model-path") from e
         if r.status_code != 200:
             raise EvalError(f"{path} failed with HTTP {r.status_code}: {r.text[:300]}")
         return r.json()
