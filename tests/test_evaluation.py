@@ -93,13 +93,16 @@ def test_an_interrupted_eval_resumes_without_recomputing(server, tmp_path):
                                for i in range(40)))
     out = tmp_path / "out"
     results = out / "results.jsonl"
+    # As from a terminal: SIGINT at its default even when this test runs in a background job (which
+    # starts with SIGINT ignored, and a child would inherit that).
     proc = subprocess.Popen(_eval(server.url, dataset, out, "--concurrency", "1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 2):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle
-    proc.wait(timeout=60)
+    assert proc.wait(timeout=60) == 130, proc.stdout.read()[-2000:]
     before = results.read_text().splitlines()
     assert 2 <= len(before) < 40
     with open(results, "a") as f:
