@@ -21,7 +21,7 @@ import os
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -218,6 +218,3 @@ def run(url: str, problems: list[dict], cfg: EvalConfig, results: Path, progress
     records = [json.loads(line) for line in results.read_text().splitlines()]
     return sorted(records, key=lambda r: (r["problem"], r["sample"]))
 
-
-def config_dict(cfg: EvalConfig) -> dict:
-    return asdict(cfg)

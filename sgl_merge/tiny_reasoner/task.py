@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
+
+from sgl_merge.evaluation.scoring import last_boxed
 
 MODULUS = 10
 MIN_STEPS = 5
@@ -135,16 +136,10 @@ def training_text(problem: dict) -> str:
     return prompt_text(problem["question"]) + completion_text(problem)
 
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
 def extract_answer(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` in `text` (stripped), or None if there is none.
-
-    Same convention as math-verify style graders, so the demo can score any model's output.
-    """
-    found = _BOXED.findall(text)
-    return found[-1].strip() if found else None
+    """The content of the last `\\boxed{...}` in `text` (stripped), or None if there is none:
+    the evaluation's own reading of an answer, so training-time checks and the demo agree."""
+    return last_boxed(text)
 
 
 def is_correct(text: str, answer: str) -> bool:
