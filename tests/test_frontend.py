@@ -143,7 +143,8 @@ def test_think_merge_in_a_chat_program(backend, template_opens_think):
     state = chat_thinker.run(template_opens_think=template_opens_think, backend=backend)
     assert state.messages()[-1]["role"] == "assistant"
     assert state.messages()[-1]["content"].endswith(state["answer"])
-    assert state.text().count("<think>") == 1  # opened once, whoever opened it
+    # opened once, whoever opened it (the random model may emit <think> in its answer: not counted)
+    assert state.text().rsplit(state["answer"], 1)[0].count("<think>") == 1
 
 
 def test_forks_of_different_programs_and_failed_forks_are_reported(backend):
