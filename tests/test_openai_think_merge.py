@@ -73,7 +73,8 @@ def test_completion_answer_equals_the_frontend_think_merge(server, client):
 
 
 def test_usage_counts_every_thinking_and_answer_token(client, tokenizer):
-    r = chat(client, {"k": 3, "thinking_budget": 24, "thinking_temperature": 1.0}, logprobs=True)
+    r = chat(client, {"k": 3, "thinking_budget": 24, "thinking_temperature": 1.0}, logprobs=True,
+             extra_body={"ignore_eos": True})  # sampled traces: the answer must not stop early
     info, usage, message = ext(r), r.usage, r.choices[0].message
     assert info["k"] == 3 and info["mode"] == "logits" and info["trace_outcomes"] == ["merged"] * 3
     assert len(info["thinking_tokens"]) == 3 and all(1 <= n <= 24 for n in info["thinking_tokens"])
