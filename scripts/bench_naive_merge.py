@@ -50,8 +50,9 @@ def naive(url: str, ctx: list[list[int]], tokens: int, top: int, pool: ThreadPoo
     t0 = time.perf_counter()
     for _ in range(tokens):
         tops = list(pool.map(step, [c + out for c in ctx]))
+        floors = [min(d.values()) for d in tops]
         union = set().union(*tops)
-        mean = {t: sum(d.get(t, min(d.values())) for d in tops) / len(tops) for t in union}
+        mean = {t: sum(d.get(t, f) for d, f in zip(tops, floors)) / len(tops) for t in union}
         out.append(max(mean, key=mean.get))
     return out, time.perf_counter() - t0
 

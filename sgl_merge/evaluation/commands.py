@@ -62,10 +62,11 @@ def _add_common(p: argparse.ArgumentParser, out: str) -> None:
 def _check_config(out: Path, cfg: EvalConfig, dataset: str) -> None:
     settings = {"dataset": dataset, **asdict(cfg)}
     settings.pop("concurrency")
+    settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
     path = out / "config.json"
     if path.exists() and (out / "results.jsonl").exists():
         before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != json.loads(json.dumps(settings)).get(k))
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if changed:
             raise EvalError(f"{out} holds results made with other settings ({', '.join(changed)} differ); "
                             "pass a new --out, or delete that folder to start over")

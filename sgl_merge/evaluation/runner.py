@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import requests
 
 from sgl_merge.evaluation.scoring import correct, vote_key
+from sgl_merge.frontend.merge import majority
 
 METHODS = ("single", "vote", "merge")
 MATH_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -132,13 +132,9 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
         if "vote" in cfg.methods:
             record["vote"] = {}
             for k in cfg.ks:
-                counted = Counter(x for x in keys[:k] if x is not None)
-                if counted:
-                    best = max(counted.values())
-                    winner = next(i for i, x in enumerate(keys[:k]) if x is not None and counted[x] == best)
-                    record["vote"][str(k)] = {"answer": keys[winner], "correct": record["answers"][winner]["correct"]}
-                else:
-                    record["vote"][str(k)] = {"answer": None, "correct": False}
+                winner, _ = majority(keys[:k])
+                record["vote"][str(k)] = ({"answer": None, "correct": False} if winner is None else
+                                          {"answer": keys[winner], "correct": record["answers"][winner]["correct"]})
     if merge_ks:
         record["merge"] = {}
         for k in merge_ks:

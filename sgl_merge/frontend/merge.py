@@ -306,15 +306,20 @@ def _finished_thinking(trace: _Trace) -> bool:
 # ------------------------------------------------------------------ vote
 
 
+def majority(answers: list) -> tuple[int | None, Counter]:
+    """The index of the majority answer (ties go to the answer seen first; None answers are not
+    counted; None if there is nothing to count) and the counts."""
+    counts = Counter(x for x in answers if x is not None)
+    if not counts:
+        return None, counts
+    best = max(counts.values())
+    return next(i for i, x in enumerate(answers) if x is not None and counts[x] == best), counts
+
+
 def vote(forks, name: str, extract=None) -> tuple[str | None, Counter]:
     """Majority vote over the forks' `name` variable (after `extract`, which may return None for
     "no answer"). Returns the winner (ties go to the answer seen first) and the counts."""
     states = list(getattr(forks, "states", forks))
-    answers = [st[name] for st in states]
-    extracted = [extract(a) if extract else a for a in answers]
-    counts = Counter(x for x in extracted if x is not None)
-    if not counts:
-        return None, counts
-    best = max(counts.values())
-    winner = next(x for x in extracted if x is not None and counts[x] == best)
-    return winner, counts
+    extracted = [extract(st[name]) if extract else st[name] for st in states]
+    winner, counts = majority(extracted)
+    return (None if winner is None else extracted[winner]), counts
