@@ -9,8 +9,10 @@ from sgl_merge.testing import ServeProcess, build_tiny_model, free_port
 
 # Flags every test server uses on top of `sgl-merge serve`'s CPU defaults: fp32 end to end so
 # outputs can be compared exactly with a Hugging Face reference, and a tool-call parser (the tiny
-# model speaks ChatML) for the OpenAI routes' tool tests.
-TEST_SERVER_FLAGS = ["--dtype", "float32", "--log-level", "warning", "--tool-call-parser", "qwen25"]
+# model speaks ChatML) for the OpenAI routes' tool tests. JSON grammars allow no free whitespace: a
+# random model sampling whitespace could otherwise spend any token budget before closing the object.
+TEST_SERVER_FLAGS = ["--dtype", "float32", "--log-level", "warning", "--tool-call-parser", "qwen25",
+                     "--constrained-json-disable-any-whitespace"]
 
 
 @pytest.fixture(scope="session")
