@@ -103,9 +103,7 @@ class GroupRegistry:
         sched = self.scheduler
         group.dead = True
         self.groups.pop(group.key, None)
-        self.finished_keys[group.key] = message
-        while len(self.finished_keys) > 4096:
-            self.finished_keys.pop(next(iter(self.finished_keys)))
+        self._remember_finished(group.key, message)
         reason = FINISH_ABORT(message, status)
         members = {id(m) for m in group.members}
         queued = {id(r) for r in sched.waiting_queue + self.hidden if id(r) in members}
@@ -122,6 +120,11 @@ class GroupRegistry:
                 req.to_finish = reason
         group.waiting.clear()
         logger.warning("sgl-merge: %s", message)
+
+    def _remember_finished(self, key: str, message: str) -> None:
+        self.finished_keys[key] = message
+        while len(self.finished_keys) > 4096:
+            self.finished_keys.pop(next(iter(self.finished_keys)))
 
     def reject(self, req, message: str, status: int = HTTPStatus.BAD_REQUEST) -> None:
         """Refuse a request before it is queued."""
@@ -162,6 +165,18 @@ class GroupRegistry:
         if group is None and spec.group in self.finished_keys:
             self.reject(req, f"{prefix} has already finished ({self.finished_keys[spec.group]}); "
                              "group ids must be unique to one merge")
+            return False
+        if (failure := req.to_finish or req.finished_reason) is not None:
+            # SGLang failed it on arrival (its grammar did not compile, its prompt is too long, ...):
+            # it answers with its own reason, and the rest of the group cannot merge without it.
+            why = getattr(failure, "message", None) or "it was aborted"
+            status = getattr(failure, "status_code", None) or HTTPStatus.BAD_REQUEST
+            self.reject(req, why, status)
+            message = f"{prefix} finished: member {req.rid!r} failed before it could run: {why}"
+            if group is not None:
+                self.finish(group, message, status)
+            else:
+                self._remember_finished(spec.group, message)
             return False
         signature = sampling_signature(req.sampling_params)
         if group is None:

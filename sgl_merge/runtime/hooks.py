@@ -62,8 +62,10 @@ def route_group(result, manager, obj, *args, **kwargs):
 
 def record_requested_max_new(original, scheduler, req):
     """AROUND Scheduler.init_req_max_new_tokens: members must agree on what they asked for,
-    before SGLang caps it by each member's own context length."""
+    before SGLang caps it by each member's own context length. The registry exists from a first
+    member's arrival on, before its grammar (if any) compiles and it reaches the waiting queue."""
     if _asks_to_merge(req):
+        registry(scheduler)
         req._sgl_merge_requested_max_new = req.sampling_params.max_new_tokens
     return original(scheduler, req)
 
@@ -97,7 +99,9 @@ def new_prefill_batch(original, scheduler, prefill_delayer_single_pass, running_
     """AROUND Scheduler._get_new_batch_prefill_raw: gang admission."""
     global _admission
     reg = _registry
-    if reg is None or not reg.groups:
+    # Requests whose grammar compiled are queued at the start of the pass: a member among them may
+    # open a group, so a pending grammar counts as a possible group.
+    if reg is None or not (reg.groups or scheduler.grammar_manager.has_waiting_grammars()):
         return original(scheduler, prefill_delayer_single_pass, running_batch)
     reg.expire()
     queue = scheduler.waiting_queue

@@ -52,6 +52,9 @@ async def handle_streaming_request(original, serving, adapted_request, request, 
         return await original(serving, adapted_request, request, raw_request)
     chat = _is_chat(serving)
     make = serving._generate_chat_stream if chat else serving._generate_completion_stream
+    # SGLang's abort-on-disconnect task reads fields that only its generate_request sets; aimed at
+    # the leader's rid, its abort reaches every member too (the scheduler matches rid prefixes).
+    adapted_request.rid, adapted_request.is_single = call.rid, True
     return StreamingResponse(_stream(make(adapted_request, request, raw_request), call, chat),
                              media_type="text/event-stream",
                              background=serving.tokenizer_manager.create_abort_task(adapted_request))
