@@ -1,7 +1,8 @@
-"""Merge groups under load and retraction, and plain requests against stock SGLang (no plugin)."""
+"""Merge groups under load, retraction and the overlap scheduler, and plain requests against stock SGLang (no plugin)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -11,7 +12,8 @@ import requests
 from merge_reference import check_merged_greedy
 
 from conftest import TEST_SERVER_FLAGS
-from sgl_merge.testing import ServeProcess, free_port
+from sgl_merge.server import ServerProcess
+from sgl_merge.testing import free_port
 
 PROMPTS = [
     "Think step by step: what is 12 + 30?", "def add(a, b):", "The quick brown fox jumps over",
@@ -22,14 +24,20 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def retracting_server(tiny_model, tmp_path_factory):
-    """A server that retracts running requests every 3 forwards (SGLang's own test switch) and has
-    a small KV budget."""
+    """A server that retracts running requests every 3 forwards (SGLang's own test switch), has a
+    small KV budget, and runs SGLang's overlap scheduler (its default on GPUs; the other test
+    servers run without it, as `sgl-merge serve` does on a CPU)."""
     log = tmp_path_factory.mktemp("retract") / "server.log"
-    argv = ["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS,
-            "--max-total-tokens", "3000"]
-    env = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
-    with ServeProcess(argv, log_path=log, env=env) as srv:
+    srv = ServerProcess.prepare(["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS,
+                                 "--max-total-tokens", "3000"], log_path=str(log))
+    srv.argv.remove("--disable-overlap-schedule")
+    srv.env.update(SGLANG_TEST_RETRACT="1", SGLANG_TEST_RETRACT_INTERVAL="3")
+    srv.start()
+    try:
+        assert requests.get(f"{srv.url}/server_info", timeout=10).json()["disable_overlap_schedule"] is False
         yield srv
+    finally:
+        srv.stop()
 
 
 def test_groups_and_plain_requests_under_retraction(retracting_server, hf_model, tokenizer):
@@ -47,6 +55,16 @@ def test_groups_and_plain_requests_under_retraction(retracting_server, hf_model,
         results[key] = requests.post(f"{url}/generate", json={"input_ids": ctx, "sampling_params": params},
                                      timeout=600).json()
 
+    def run_json_group(key):  # sampled, grammar-constrained: masks and sampling under overlap
+        schema = {"type": "object", "properties": {"pick": {"enum": ["a", "b", key[:6]]}, "ok": {"type": "boolean"}},
+                  "required": ["pick", "ok"], "additionalProperties": False}
+        params = [{"temperature": 0.8, "max_new_tokens": 64, "json_schema": json.dumps(schema),
+                   "custom_params": {"sgl_merge": {"group": key, "size": 3}}} for _ in range(3)]
+        results[key] = requests.post(f"{url}/generate", json={"input_ids": [ids[p] for p in PROMPTS[:3]],
+                                                               "sampling_params": params}, timeout=600).json()
+
+    json_keys = [uuid.uuid4().hex for _ in range(4)]
+
     def run_plain(i):
         results[f"plain{i}"] = requests.post(
             f"{url}/generate",
@@ -55,12 +73,13 @@ def test_groups_and_plain_requests_under_retraction(retracting_server, hf_model,
             timeout=600).json()
 
     # Plain requests first: SGLang retracts the requests with the fewest output tokens, so the
-    # groups arriving later are the ones retracted.
+    # groups arriving later are the ones retracted (seen: one JSON group and one or two greedy ones).
     threads = [threading.Thread(target=run_plain, args=(i,)) for i in range(16)]
+    threads += [threading.Thread(target=run_json_group, args=(key,)) for key in json_keys]
     threads += [threading.Thread(target=run_group, args=g) for g in groups]
     for i, t in enumerate(threads):
         t.start()
-        if i == 15:
+        if i in (15, 19):
             time.sleep(1.0)
     for t in threads:
         t.join(timeout=600)
@@ -71,6 +90,12 @@ def test_groups_and_plain_requests_under_retraction(retracting_server, hf_model,
         assert isinstance(out, list), out
         assert len({tuple(o["output_ids"]) for o in out}) == 1, f"group {key} diverged"
         check_merged_greedy(hf_model, ctx, out[0]["output_ids"], "logits")
+        retractions += sum(o["meta_info"]["num_retractions"] for o in out)
+    for key in json_keys:
+        out = results[key]
+        assert isinstance(out, list), out
+        assert len({o["text"] for o in out}) == 1, f"group {key} diverged"
+        assert json.loads(out[0]["text"])["pick"] in ("a", "b", key[:6])
         retractions += sum(o["meta_info"]["num_retractions"] for o in out)
     for i in range(16):
         assert len(results[f"plain{i}"]["output_ids"]) == 96
