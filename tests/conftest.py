@@ -31,6 +31,17 @@ def server(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def non_thinking_server(tmp_path_factory):
+    """A second configuration in one server: a model without <think> / </think> tokens, and SGLang's
+    priority scheduling with preemption on (which merging refuses)."""
+    model = build_tiny_model(tmp_path_factory.mktemp("non-thinking"), think_tokens=False)
+    log = tmp_path_factory.mktemp("non-thinking-server") / "server.log"
+    argv = ["--model-path", str(model), "--port", str(free_port()), *TEST_SERVER_FLAGS, "--enable-priority-scheduling"]
+    with ServeProcess(argv, log_path=log) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
 def hf_model(tiny_model):
     """The same weights in Hugging Face transformers: the independent reference."""
     import torch

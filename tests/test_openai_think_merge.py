@@ -13,9 +13,6 @@ import requests
 import sglang as sgl
 
 from sgl_merge import think_merge
-from sgl_merge.testing import ServeProcess, build_tiny_model, free_port
-
-from conftest import TEST_SERVER_FLAGS
 
 QUESTION = [{"role": "user", "content": "What is 12 + 30?"}]
 COMPLETION_PROMPT = "Question: what is 12 + 30?\n"
@@ -251,16 +248,6 @@ def test_without_think_merge_both_routes_match_stock_sglang(server, stock_server
             out.pop("id"), out.pop("created")
             outs.append(out)
         assert outs[0] == outs[1]
-
-
-@pytest.fixture(scope="module")
-def non_thinking_server(tmp_path_factory):
-    """A server whose model has no <think> / </think> tokens."""
-    model = build_tiny_model(tmp_path_factory.mktemp("non-thinking"), think_tokens=False)
-    log = tmp_path_factory.mktemp("non-thinking-server") / "server.log"
-    with ServeProcess(["--model-path", str(model), "--port", str(free_port()), *TEST_SERVER_FLAGS],
-                      log_path=log) as srv:
-        yield srv
 
 
 def test_a_non_thinking_model_is_a_400(non_thinking_server):

@@ -84,6 +84,10 @@ class GroupRegistry:
              if (getattr(args, name, None) not in (None, False, 0, 1, "NONE"))),
             None,
         )
+        if self.breaker is None and getattr(scheduler, "enable_priority_preemption", False):
+            # Preemption evicts running requests one by one until a new one fits: part of a group.
+            self.breaker = ("priority preemption (--enable-priority-scheduling; add --disable-priority-preemption "
+                            "to keep priority scheduling)")
         self.max_running = scheduler.max_running_requests
         self.max_total_tokens = scheduler.max_total_num_tokens
         self.allocatable = 0  # set for the duration of one admission pass
