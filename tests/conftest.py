@@ -25,8 +25,10 @@ def server(tiny_model, tmp_path_factory):
     """A real SGLang server with the sgl-merge plugin, started by the `sgl-merge serve` command."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     argv = ["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS]
-    # A short merge-group timeout so the timeout test does not wait the default 30 s.
-    with ServeProcess(argv, log_path=log, env={"SGL_MERGE_GROUP_TIMEOUT": "4"}) as srv:
+    # A short merge-group timeout so the timeout test does not wait the default 30 s, and a short
+    # heartbeat so a think_merge stream's silent thinking shows one at once.
+    env = {"SGLANG_MERGE_GROUP_TIMEOUT": "4", "SGLANG_MERGE_STREAM_HEARTBEAT": "0.3"}
+    with ServeProcess(argv, log_path=log, env=env) as srv:
         yield srv
 
 

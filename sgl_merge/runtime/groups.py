@@ -28,7 +28,7 @@ from sgl_merge.runtime.spec import MemberSpec, first_mismatch, sampling_signatur
 logger = logging.getLogger("sgl_merge")
 
 DEFAULT_GROUP_TIMEOUT_S = 30.0
-TIMEOUT_ENV = "SGL_MERGE_GROUP_TIMEOUT"
+TIMEOUT_ENV = "SGLANG_MERGE_GROUP_TIMEOUT"  # SGLang rewrites the legacy SGL_ spelling to this
 
 # Server features under which members cannot stay in lockstep.
 LOCKSTEP_BREAKERS = {

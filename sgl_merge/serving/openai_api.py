@@ -18,12 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import time
 import uuid
 
 from sgl_merge.serving.think_merge import (FIELD, ThinkMergeCall, ThinkMergeError, parse_config, run,
                                            think_token_ids)
 
 EXTENSION = "sgl_merge"
+logger = logging.getLogger("sgl_merge")
+# A stream that has sent nothing for this long gets a progress chunk: thinking can take minutes
+# before the first trace finishes, longer than proxies keep a silent connection open.
+HEARTBEAT_ENV = "SGLANG_MERGE_STREAM_HEARTBEAT"
 _max_group: list[int] = []  # the server's largest merge group, read once from the scheduler
 
 
@@ -146,6 +153,14 @@ def _with_results(response, call: ThinkMergeCall, chat: bool):
     return Response(content=json.dumps(data), media_type="application/json")
 
 
+def _heartbeat_s() -> float:
+    try:
+        return max(float(os.environ.get(HEARTBEAT_ENV) or 5.0), 0.1)
+    except ValueError:
+        logger.error("%s=%r is not a number of seconds; using 5", HEARTBEAT_ENV, os.environ[HEARTBEAT_ENV])
+        return 5.0
+
+
 async def _stream(chunks, call: ThinkMergeCall, chat: bool):
     """SGLang's SSE chunks, with the call's progress before them and its results at the end."""
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -157,16 +172,22 @@ async def _stream(chunks, call: ThinkMergeCall, chat: bool):
 
     chunks = chunks.__aiter__()
     step = event = None
+    phase, start, heartbeat = "thinking", time.monotonic(), _heartbeat_s()
     try:
         while True:
             step = step or asyncio.ensure_future(chunks.__anext__())
             event = asyncio.ensure_future(call.events.get())
-            await asyncio.wait({step, event}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({step, event}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED)
             progress = [event.result()] if event.done() else []
             event.cancel()
+            if not progress and not step.done():  # silence: only the thinking phase can be this long
+                if phase == "thinking":
+                    yield frame([], {"phase": phase, "elapsed_s": round(time.monotonic() - start, 1)})
+                continue
             while not call.events.empty():  # all progress so far goes before the next answer chunk
                 progress.append(call.events.get_nowait())
             for item in progress:
+                phase = item["phase"]
                 yield frame([], item)
                 if chat and item["phase"] == "answering":
                     delta = {"role": "assistant", "reasoning_content": call.reasoning_text()}
