@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 
 import openai
 import pytest
@@ -132,6 +133,20 @@ def test_tool_calls_are_parsed_by_sglangs_parser(client):
         assert calls and calls[0].type == "function" and calls[0].function.name == "get_weather"
         json.loads(calls[0].function.arguments)  # the parser's JSON
     assert ext(merged)["answer_tokens"] == 80
+
+
+def test_response_format_json_schema_constrains_the_merged_answer(client):
+    """Think freely, answer in JSON: the grammar applies to the merged answer only (a fresh schema,
+    so each member compiles it on its own while the group forms)."""
+    word = uuid.uuid4().hex[:6]
+    schema = {"type": "object", "properties": {"verdict": {"enum": ["yes", "no", word]}, "sure": {"type": "boolean"}},
+              "required": ["verdict", "sure"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+    r = chat(client, {"k": 3, "thinking_budget": 24, "thinking_temperature": 0.8}, response_format=fmt,
+             max_tokens=64, temperature=0.7)
+    answer = json.loads(r.choices[0].message.content)
+    assert answer["verdict"] in ("yes", "no", word) and isinstance(answer["sure"], bool)
+    assert len(ext(r)["traces"]) == 3 and "<think>" not in r.choices[0].message.content
 
 
 @pytest.mark.parametrize("merge, extra, param", [
