@@ -1,8 +1,10 @@
-"""Shared fixtures: one small model and ONE real `sgl-merge serve` CPU server per test session."""
+"""Shared fixtures: one small model, and the real CPU SGLang servers the tests share (the main one
+started by `sgl-merge serve`), each started once per test session."""
 
 from __future__ import annotations
 
 import pytest
+import requests
 
 from sgl_merge.server import ServerProcess
 from sgl_merge.testing import ServeProcess, build_tiny_model, free_port
@@ -30,6 +32,24 @@ def server(tiny_model, tmp_path_factory):
     env = {"SGLANG_MERGE_GROUP_TIMEOUT": "4", "SGLANG_MERGE_STREAM_HEARTBEAT": "0.3"}
     with ServeProcess(argv, log_path=log, env=env) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def variant_server(tiny_model, tmp_path_factory):
+    """The same model under what the main server does not run: SGLang's overlap scheduler (its GPU
+    default; `sgl-merge serve` turns it off on CPUs), retraction of running requests every 3
+    forwards (SGLang's own test switch) with a small KV budget, and a reasoning parser."""
+    log = tmp_path_factory.mktemp("variant") / "server.log"
+    srv = ServerProcess.prepare(["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS,
+                                 "--max-total-tokens", "3000", "--reasoning-parser", "qwen3"], log_path=str(log))
+    srv.argv.remove("--disable-overlap-schedule")
+    srv.env.update(SGLANG_TEST_RETRACT="1", SGLANG_TEST_RETRACT_INTERVAL="3")
+    srv.start()
+    try:
+        assert requests.get(f"{srv.url}/server_info", timeout=10).json()["disable_overlap_schedule"] is False
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,8 @@ import threading
 import time
 import uuid
 
-import pytest
 import requests
 from merge_reference import check_merged_greedy
-
-from conftest import TEST_SERVER_FLAGS
-from sgl_merge.server import ServerProcess
-from sgl_merge.testing import free_port
 
 PROMPTS = [
     "Think step by step: what is 12 + 30?", "def add(a, b):", "The quick brown fox jumps over",
@@ -22,26 +17,8 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def retracting_server(tiny_model, tmp_path_factory):
-    """A server that retracts running requests every 3 forwards (SGLang's own test switch), has a
-    small KV budget, and runs SGLang's overlap scheduler (its default on GPUs; the other test
-    servers run without it, as `sgl-merge serve` does on a CPU)."""
-    log = tmp_path_factory.mktemp("retract") / "server.log"
-    srv = ServerProcess.prepare(["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS,
-                                 "--max-total-tokens", "3000"], log_path=str(log))
-    srv.argv.remove("--disable-overlap-schedule")
-    srv.env.update(SGLANG_TEST_RETRACT="1", SGLANG_TEST_RETRACT_INTERVAL="3")
-    srv.start()
-    try:
-        assert requests.get(f"{srv.url}/server_info", timeout=10).json()["disable_overlap_schedule"] is False
-        yield srv
-    finally:
-        srv.stop()
-
-
-def test_groups_and_plain_requests_under_retraction(retracting_server, hf_model, tokenizer):
-    url = retracting_server.url
+def test_groups_and_plain_requests_under_retraction(variant_server, hf_model, tokenizer):
+    url = variant_server.url
     ids = {p: tokenizer.encode(p) for p in PROMPTS}
     groups, results = [], {}
     for g in range(8):

@@ -135,9 +135,13 @@ def test_tool_calls_are_parsed_by_sglangs_parser(client):
     assert ext(merged)["answer_tokens"] == 80
 
 
-def test_response_format_json_schema_constrains_the_merged_answer(client):
+@pytest.mark.parametrize("which", ["server", "variant_server"])
+def test_response_format_json_schema_constrains_the_merged_answer(request, which):
     """Think freely, answer in JSON: the grammar applies to the merged answer only (a fresh schema,
-    so each member compiles it on its own while the group forms)."""
+    so each member compiles it on its own while the group forms). The variant server runs a
+    reasoning parser, under which SGLang would hold the grammar back until a further </think>."""
+    client = openai.OpenAI(base_url=f"{request.getfixturevalue(which).url}/v1", api_key="none", max_retries=0,
+                           timeout=120)
     word = uuid.uuid4().hex[:6]
     schema = {"type": "object", "properties": {"verdict": {"enum": ["yes", "no", word]}, "sure": {"type": "boolean"}},
               "required": ["verdict", "sure"], "additionalProperties": False}

@@ -239,6 +239,9 @@ def _members(obj, call: ThinkMergeCall, traces: list[dict]) -> list:
         member = copy.copy(obj)
         member.text, member.input_ids = None, list(trace["prompt_token_ids"]) + thought
         member.rid = call.rid if j == 0 else f"{call.rid}-member-{j}"
+        # The context already holds the whole thinking: with a --reasoning-parser, SGLang would
+        # otherwise hold a response_format / tool grammar back until another </think>.
+        member.require_reasoning = False
         params = dict(obj.sampling_params or {})
         params["custom_params"] = {**(params.get("custom_params") or {}),
                                    KEY: {"group": call.rid, "size": len(traces), "mode": call.config.mode}}
