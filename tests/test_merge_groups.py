@@ -152,7 +152,7 @@ def test_json_schema_group_gives_valid_json_in_every_member(server, tokenizer, a
     about one attempt in three split the group."""
     word = uuid.uuid4().hex[:6]
     schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no", word]},
-                                               f"count_{word}": {"type": "integer"}},
+                                               f"sure_{word}": {"type": "boolean"}},
               "required": ["answer"], "additionalProperties": False}
     contexts = [tokenizer.encode(p) for p in PROMPTS[:1 + attempt % 3]]
     out = run_group(server, contexts, json_schema=json.dumps(schema), max_new_tokens=64, ignore_eos=False,
