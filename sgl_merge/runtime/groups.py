@@ -18,17 +18,17 @@ A group that cannot be kept whole is finished, every member with the same reason
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from sgl_merge.envs import seconds
 from sgl_merge.runtime.spec import MemberSpec, first_mismatch, sampling_signature
 
 logger = logging.getLogger("sgl_merge")
 
 DEFAULT_GROUP_TIMEOUT_S = 30.0
-TIMEOUT_ENV = "SGLANG_MERGE_GROUP_TIMEOUT"  # SGLang rewrites the legacy SGL_ spelling to this
+TIMEOUT_ENV = "SGLANG_MERGE_GROUP_TIMEOUT"
 
 # Server features under which members cannot stay in lockstep.
 LOCKSTEP_BREAKERS = {
@@ -62,22 +62,13 @@ class Group:
         return self.complete() and len(self.waiting) == self.size
 
 
-def _timeout_s() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    try:
-        return float(raw) if raw else DEFAULT_GROUP_TIMEOUT_S
-    except ValueError:
-        logger.error("%s=%r is not a number of seconds; using %s", TIMEOUT_ENV, raw, DEFAULT_GROUP_TIMEOUT_S)
-        return DEFAULT_GROUP_TIMEOUT_S
-
-
 class GroupRegistry:
     """The merge groups one scheduler knows about (one per scheduler process / DP rank)."""
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.groups: dict[str, Group] = {}
-        self.timeout_s = _timeout_s()
+        self.timeout_s = seconds(TIMEOUT_ENV, DEFAULT_GROUP_TIMEOUT_S)
         args = scheduler.server_args
         self.breaker = next(
             (why for name, why in LOCKSTEP_BREAKERS.items()

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import os
 import time
 import uuid
 
+from sgl_merge.envs import seconds
 from sgl_merge.serving.think_merge import (FIELD, ThinkMergeCall, ThinkMergeError, parse_config, run,
                                            think_token_ids)
 
 EXTENSION = "sgl_merge"
-logger = logging.getLogger("sgl_merge")
 # A stream that has sent nothing for this long gets a progress chunk: thinking can take minutes
 # before the first trace finishes, longer than proxies keep a silent connection open.
 HEARTBEAT_ENV = "SGLANG_MERGE_STREAM_HEARTBEAT"
@@ -153,14 +151,6 @@ def _with_results(response, call: ThinkMergeCall, chat: bool):
     return Response(content=json.dumps(data), media_type="application/json")
 
 
-def _heartbeat_s() -> float:
-    try:
-        return max(float(os.environ.get(HEARTBEAT_ENV) or 5.0), 0.1)
-    except ValueError:
-        logger.error("%s=%r is not a number of seconds; using 5", HEARTBEAT_ENV, os.environ[HEARTBEAT_ENV])
-        return 5.0
-
-
 async def _stream(chunks, call: ThinkMergeCall, chat: bool):
     """SGLang's SSE chunks, with the call's progress before them and its results at the end."""
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -172,7 +162,7 @@ async def _stream(chunks, call: ThinkMergeCall, chat: bool):
 
     chunks = chunks.__aiter__()
     step = event = None
-    phase, start, heartbeat = "thinking", time.monotonic(), _heartbeat_s()
+    phase, start, heartbeat = "thinking", time.monotonic(), max(seconds(HEARTBEAT_ENV, 5.0), 0.1)
     try:
         while True:
             step = step or asyncio.ensure_future(chunks.__anext__())

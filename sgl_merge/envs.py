@@ -1,0 +1,20 @@
+"""Settings read from the environment, in SGLang's `SGLANG_` namespace: SGLang rewrites every
+legacy `SGL_*` variable to `SGLANG_*` (with a warning that names the new spelling), so that is the
+spelling users end up setting."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("sgl_merge")
+
+
+def seconds(name: str, default: float) -> float:
+    """`$name` as a number of seconds; `default` when unset, or (logged) when not a number."""
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        logger.error("%s=%r is not a number of seconds; using %s", name, raw, default)
+        return default
