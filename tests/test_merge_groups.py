@@ -285,13 +285,10 @@ def test_group_larger_than_the_server_can_hold_is_rejected_with_the_limit(server
 
 def test_merging_is_refused_where_priority_preemption_could_split_a_group(non_thinking_server):
     """SGLang preempts running requests one at a time for a higher-priority arrival."""
-    url = non_thinking_server.url
     group = uuid.uuid4().hex
-    r = requests.post(f"{url}/generate", timeout=60, json={
-        "input_ids": [[1, 2, 3], [4, 5]], "sampling_params": [merge_params(group, 2) for _ in range(2)]})
+    r = generate(non_thinking_server, [[1, 2, 3], [4, 5]], [merge_params(group, 2) for _ in range(2)])
     assert r.status_code == 400 and "--enable-priority-scheduling" in r.text and "--disable-priority-preemption" in r.text
-    assert requests.post(f"{url}/generate", timeout=60,
-                         json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+    assert generate(non_thinking_server, [1, 2, 3], {"max_new_tokens": 2}).status_code == 200
 
 
 def test_beam_search_cannot_join_a_group(server):
