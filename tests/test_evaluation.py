@@ -53,6 +53,13 @@ def test_code_answers_run_in_the_sandbox():
     assert run_tests("while True:\n    pass", "", timeout_s=2).reason == "timeout"
     assert run_tests("x = []\nwhile True:\n    x.append(bytearray(10**7))", "", memory_mb=200).reason == "memory limit"
     assert run_tests("import sys; sys.exit(3)", "").reason.startswith("failed")
+    # The exit status is not the verdict: an answer that exits with 0 before the tests fails them.
+    for exits in ("import sys; sys.exit(0)", "import os; os._exit(0)", "quit()", "raise SystemExit"):
+        verdict = run_tests(f"def add(a, b):\n    return a - b\n{exits}", tests)
+        assert not verdict.passed and "before the tests finished" in verdict.reason, (exits, verdict)
+    assert not run_tests("def add(a, b):\n    return a + b", "import sys; sys.exit(0)\nassert False").passed
+    # Output cannot forge the verdict either (it goes to a pipe of the harness's own).
+    assert not run_tests("print('passed')\nimport os; os._exit(0)", "").passed
 
 
 def _record(problem, single, vote, merge, sample=0):
