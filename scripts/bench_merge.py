@@ -2,8 +2,8 @@
 
 (a) runs `bench_merge_kernel.py` (Triton kernel GB/s vs the device's peak and vs the torch path)
     when CUDA is available, and says it is skipped otherwise.
-(b) decodes G groups of K members merged, and the same G*K contexts as plain requests, on one
-    server, alternating the two in paired rounds; prints tokens/s of each and the merged/unmerged
+(b) decodes G groups of K members merged, and the same G*K contexts unmerged in the same G batch
+    requests of K, on one server, alternating the two in paired rounds; prints tokens/s of each and the merged/unmerged
     ratio (median and range over the rounds). Without --url it starts a CPU server on a small
     random model (or --model-path).
 
@@ -33,18 +33,15 @@ def contexts(n: int, length: int) -> list[list[int]]:
 
 
 def decode_round(url: str, ctx: list[list[int]], k: int, tokens: int, merged: bool) -> float:
-    """Send the contexts (as groups of k when merged, one /generate per group or request) at once;
-    return generated member tokens per second."""
+    """Send the contexts k at a time, one /generate each, all at once; when merged, each /generate
+    is one merge group. Same request shapes either way, so the ratio measures the merge alone.
+    Return generated member tokens per second."""
     base = {"temperature": 0, "max_new_tokens": tokens, "ignore_eos": True}
     batches = []
     for g in range(0, len(ctx), k):
         members = ctx[g : g + k]
-        if merged:
-            key = uuid.uuid4().hex
-            params = [{**base, "custom_params": {"sgl_merge": {"group": key, "size": k}}} for _ in members]
-            batches.append({"input_ids": members, "sampling_params": params})
-        else:
-            batches.extend({"input_ids": m, "sampling_params": base} for m in members)
+        merge = {"custom_params": {"sgl_merge": {"group": uuid.uuid4().hex, "size": k}}} if merged else {}
+        batches.append({"input_ids": members, "sampling_params": [{**base, **merge} for _ in members]})
 
     def send(body):
         r = requests.post(f"{url}/generate", json=body, timeout=600)
@@ -72,7 +69,7 @@ def bench_server(url: str, groups: int, k: int, tokens: int, prompt_len: int, ro
         ratios.append(tps[True] / tps[False])
         print(f"  round {r + 1}/{rounds}: merged {tps[True]:8.1f} tok/s   unmerged {tps[False]:8.1f} tok/s   "
               f"ratio {ratios[-1]:.3f}", flush=True)
-    print(f"\n(b) decode throughput, {groups} groups x K={k} vs {groups * k} plain contexts, "
+    print(f"\n(b) decode throughput, {groups} groups x K={k} vs the same {groups} requests of {k} contexts unmerged, "
           f"{tokens} tokens, {rounds} paired rounds")
     print(f"    merged   median {statistics.median(merged_tps):8.1f} tok/s")
     print(f"    unmerged median {statistics.median(plain_tps):8.1f} tok/s")

@@ -237,15 +237,15 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
         ex.sync()
     prompt_ids = _context(url, ex).get("input_ids") or _tokenize(url, ex.text_)
     close_ids = _tokenize(url, think_close)
-    traces, outcome = _think(url, prompt_ids, n, k, thinking_budget, thinking_temperature, close_ids)
+    traces, outcome = _think(url, prompt_ids, n, k, thinking_budget, thinking_temperature, think_close, close_ids)
     ex.meta_info[f"{name}_traces"] = outcome
     forks = s.fork(k)
     thinking = []
     for fork, trace in zip(forks, traces):
         ids = trace["output_ids"]
         text = trace["text"]
-        if ids[-len(close_ids):] != close_ids:
-            ids, text = ids + close_ids, text + think_close
+        if ids[-len(close_ids):] != close_ids and not text.rstrip().endswith(think_close):
+            ids, text = ids + close_ids, text + think_close  # ran out of its budget: close it
         fork.stream_executor.sync()
         _append(fork.stream_executor, f"{name}_thinking", text, trace["meta_info"], prompt_ids + ids)
         thinking.append(text)
@@ -260,15 +260,17 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
     return answer
 
 
-def _think(url, prompt_ids, n, k, budget, temperature, close_ids) -> tuple[list[dict], list[str]]:
-    """Run n thinking traces concurrently; return the first k to finish (aborting the rest) and
-    each launched trace's outcome."""
+def _think(url, prompt_ids, n, k, budget, temperature, think_close, close_ids) -> tuple[list[dict], list[str]]:
+    """Run n thinking traces concurrently, each stopping at `think_close`; return the first k to
+    finish (aborting the rest) and each launched trace's outcome."""
     traces = [_Trace(rid=f"think-{uuid.uuid4().hex}") for _ in range(n)]
     done: list[_Trace] = []
     cond = threading.Condition()
     params = {"max_new_tokens": budget, "temperature": temperature, "skip_special_tokens": False}
     if len(close_ids) == 1:
         params["stop_token_ids"] = close_ids
+    else:  # a delimiter of several tokens stops as text, kept in the trace like a stop token
+        params.update(stop=[think_close], no_stop_trim=True)
 
     def run(trace):
         try:

@@ -41,9 +41,10 @@ def load() -> None:
 
     sglang_version = check_sglang_version()
     from sgl_merge.runtime.hooks import HOOKS
+    from sgl_merge.serving.input_guards import HOOKS as GUARD_HOOKS
     from sgl_merge.serving.openai_api import HOOKS as SERVING_HOOKS
 
-    hooks = [(INTERNAL_STATE_TARGET, "AFTER", _report_status), *HOOKS, *SERVING_HOOKS]
+    hooks = [(INTERNAL_STATE_TARGET, "AFTER", _report_status), *HOOKS, *SERVING_HOOKS, *GUARD_HOOKS]
     for target, kind, fn in hooks:
         HookRegistry.register(target, fn, HookType[kind])
     _status.update(
