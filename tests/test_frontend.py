@@ -165,3 +165,14 @@ def test_forks_of_different_programs_and_failed_forks_are_reported(backend):
 
     with pytest.raises(MergeError, match="fork 1 failed before the merge"):
         broken.run(backend=backend)
+
+
+def test_a_think_close_of_several_tokens_stops_the_traces(backend, tokenizer):
+    """A delimiter that is not one token stops a trace as text (before, traces ran to the budget)."""
+    greedy = dict(k=1, thinking_budget=48, thinking_temperature=0, max_tokens=2)
+    free = thinker.run(opts=greedy, backend=backend)["answer_thinking"][0]
+    close = free[12:24]  # a piece of what the greedy trace writes anyway
+    assert len(tokenizer.encode(close)) > 1 and "</think>" not in free[:24], free
+    state = thinker.run(opts={**greedy, "think_close": close}, backend=backend)
+    trace = state["answer_thinking"][0]
+    assert trace == free[: free.index(close)] + close, (trace, free)
