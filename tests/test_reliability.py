@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 
+import pytest
 import requests
 from test_merge_groups import PROMPTS, generate, merge_params
 
@@ -18,11 +19,22 @@ def _in_thread(fn, *args, **kwargs):
     return t, out
 
 
-def test_top_logprobs_num_above_the_vocabulary_is_a_400_and_the_server_keeps_serving(server, tokenizer):
-    """SGLang 0.5.23's scheduler dies on it ("selected index k out of range"), taking every client."""
+@pytest.mark.parametrize("body, field", [
+    ({"return_logprob": True, "top_logprobs_num": 100000}, "top_logprobs_num"),
+    ({"input_ids": [1, 2, 100000]}, "input_ids"),
+    ({"input_ids": [1, -5]}, "input_ids"),
+    ({"text": ""}, "prompt is empty"),
+    ({"sampling_params": {"max_new_tokens": 2, "top_k": 2**40}}, "top_k"),
+])
+def test_inputs_that_crashed_the_scheduler_are_400s_and_the_server_keeps_serving(server, tokenizer, body, field):
+    """Each of these killed SGLang 0.5.23's scheduler (found by fuzzing the request fields), taking
+    every client's connection with it."""
     ids = tokenizer.encode(PROMPTS[0])
-    r = generate(server, ids, {"max_new_tokens": 2}, return_logprob=True, top_logprobs_num=100000)
-    assert r.status_code == 400 and "top_logprobs_num" in r.text, r.text
+    request = {"input_ids": ids, "sampling_params": {"max_new_tokens": 2}, **body}
+    if "text" in body:
+        del request["input_ids"]
+    r = requests.post(f"{server.url}/generate", json=request, timeout=60)
+    assert r.status_code == 400 and field in r.text, r.text
     ok = generate(server, ids, {"max_new_tokens": 2}, return_logprob=True, top_logprobs_num=5)
     assert ok.status_code == 200 and len(ok.json()["meta_info"]["output_top_logprobs"][0]) == 5
 
