@@ -3,9 +3,9 @@
 (a) runs `bench_merge_kernel.py` (Triton kernel GB/s vs the device's peak and vs the torch path)
     when CUDA is available, and says it is skipped otherwise.
 (b) decodes G groups of K members merged, and the same G*K contexts unmerged in the same G batch
-    requests of K, on one server, alternating the two in paired rounds; prints tokens/s of each and the merged/unmerged
-    ratio (median and range over the rounds). Without --url it starts a CPU server on a small
-    random model (or --model-path).
+    requests of K, on one server, alternating the two in paired rounds; prints tokens/s of each
+    and the merged/unmerged ratio (median and range over the rounds). Without --url it starts a
+    CPU server on a small random model (or --model-path).
 
     python scripts/bench_merge.py                      # both parts, local CPU server
     python scripts/bench_merge.py --url http://127.0.0.1:30000 --skip-kernel

@@ -46,6 +46,8 @@ def _run():
     os._exit(0)
 _run()
 """
+
+
 @dataclass
 class Verdict:
     passed: bool

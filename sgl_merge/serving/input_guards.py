@@ -30,7 +30,7 @@ def check_request(result, manager, obj, input_ids):
     if obj.return_logprob and isinstance(top, int) and top > vocab_size:
         # get_top_logprobs_raw: "selected index k out of range", scheduler dies.
         raise ValueError(f"top_logprobs_num must be at most the vocabulary size ({vocab_size}), got {top}")
-    top_k = (obj.sampling_params or {}).get("top_k") if isinstance(obj.sampling_params, dict) else None
+    top_k = obj.sampling_params.get("top_k") if isinstance(obj.sampling_params, dict) else None
     if isinstance(top_k, int) and top_k > INT32_MAX:
         # The sampling tensors are int32 ("value cannot be converted to type int32 without overflow").
         raise ValueError(f"sampling_params.top_k must be at most {INT32_MAX} (-1 disables it), got {top_k}")
