@@ -9,8 +9,14 @@ what was found and how is in README ("Inputs that crashed SGLang").
 
 from __future__ import annotations
 
+import re
 
 INT32_MAX = 2**31 - 1
+# Parallel samples per request: SGLang expands `n` into that many requests (and as many uuids) in
+# the HTTP process before anything else runs, so n = 2**31 wedges the server for every client.
+MAX_PARALLEL_SAMPLES = 1024
+# Fields SGLang indexes per request in a batch without checking their length (IndexError, a 500).
+PER_REQUEST_LISTS = ("sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num")
 
 
 def check_request(result, manager, obj, input_ids):
@@ -30,13 +36,70 @@ def check_request(result, manager, obj, input_ids):
     if obj.return_logprob and isinstance(top, int) and top > vocab_size:
         # get_top_logprobs_raw: "selected index k out of range", scheduler dies.
         raise ValueError(f"top_logprobs_num must be at most the vocabulary size ({vocab_size}), got {top}")
-    top_k = obj.sampling_params.get("top_k") if isinstance(obj.sampling_params, dict) else None
-    if isinstance(top_k, int) and top_k > INT32_MAX:
-        # The sampling tensors are int32 ("value cannot be converted to type int32 without overflow").
-        raise ValueError(f"sampling_params.top_k must be at most {INT32_MAX} (-1 disables it), got {top_k}")
+    start = obj.logprob_start_len
+    if obj.return_logprob and isinstance(start, int) and start < -1:
+        # add_input_logprob_return_values asserts on the count of input logprobs: scheduler dies.
+        raise ValueError(f"logprob_start_len must be -1 (no input logprobs) or a position >= 0, got {start}")
+    if getattr(obj, "positional_embed_overrides", None) is not None:
+        # An in-process (Engine) field; sent as JSON it reaches the scheduler as a plain list,
+        # which it cannot reconstruct (AttributeError, scheduler dies).
+        raise ValueError("positional_embed_overrides can only be passed in-process (sglang.Engine), not over HTTP")
+    params = obj.sampling_params if isinstance(obj.sampling_params, dict) else {}
+    _check_sampling_params(params, vocab_size)
     return result
 
 
+def _check_sampling_params(params: dict, vocab_size: int) -> None:
+    top_k = params.get("top_k")
+    if isinstance(top_k, int) and top_k > INT32_MAX:
+        # The sampling tensors are int32 ("value cannot be converted to type int32 without overflow").
+        raise ValueError(f"sampling_params.top_k must be at most {INT32_MAX} (-1 disables it), got {top_k}")
+    stop_ids = params.get("stop_token_ids")
+    min_new = params.get("min_new_tokens")
+    if isinstance(stop_ids, list) and isinstance(min_new, int) and min_new > 0:
+        # The min_new_tokens penalty scatters into a [batch, vocab + 1] tensor: scheduler dies.
+        bad = [t for t in stop_ids if isinstance(t, int) and not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"sampling_params.stop_token_ids must lie in [0, {vocab_size}) (the vocabulary), "
+                             f"got {bad[0]}")
+    patterns = params.get("stop_regex")
+    for pattern in [patterns] if isinstance(patterns, str) else patterns if isinstance(patterns, list) else []:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:  # re.error is not a ValueError: SGLang answers a 500
+            raise ValueError(f"sampling_params.stop_regex {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def check_parallel_samples(obj) -> None:
+    """BEFORE GenerateReqInput._handle_parallel_sampling: `n` is an int in [1, MAX_PARALLEL_SAMPLES]."""
+    params = obj.sampling_params
+    for p in [params] if isinstance(params, dict) else params if isinstance(params, list) else []:
+        if not isinstance(p, dict) or "n" not in p:
+            continue
+        n = p["n"]
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_PARALLEL_SAMPLES:
+            raise ValueError(f"sampling_params.n must be an integer from 1 to {MAX_PARALLEL_SAMPLES}, got {n!r}")
+
+
+def check_batch_lists(obj) -> None:
+    """BEFORE GenerateReqInput._normalize_batch_inputs: per-request lists have one entry per prompt."""
+    for name in PER_REQUEST_LISTS:
+        value = getattr(obj, name, None)
+        if isinstance(value, list) and len(value) != obj.batch_size:
+            raise ValueError(f"{name} is a list of {len(value)}, but the batch has {obj.batch_size} prompts: "
+                             "give one entry per prompt, or a single value for all")
+
+
+def check_single_rid(obj) -> None:
+    """BEFORE GenerateReqInput._normalize_single_inputs: one prompt has one rid, a string."""
+    if obj.rid is not None and not isinstance(obj.rid, str):
+        raise ValueError(f"rid must be a string for a single prompt (a list only for a batch), got {obj.rid!r}")
+
+
+_IO = "sglang.srt.managers.io_struct.GenerateReqInput"
 HOOKS = [
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", "AFTER", check_request),
+    (f"{_IO}._handle_parallel_sampling", "BEFORE", check_parallel_samples),
+    (f"{_IO}._normalize_batch_inputs", "BEFORE", check_batch_lists),
+    (f"{_IO}._normalize_single_inputs", "BEFORE", check_single_rid),
 ]
