@@ -96,3 +96,30 @@ def test_plain_requests_are_bit_identical_without_the_plugin(server, stock_serve
         for key in ("output_token_logprobs", "output_top_logprobs"):
             assert ours["meta_info"][key] == stock["meta_info"][key]
         assert set(ours["meta_info"]) == set(stock["meta_info"])
+
+
+def test_a_group_whose_cached_prefixes_would_be_locked_is_judged_as_a_whole(variant_server):
+    """Admitting a member locks its cached prefix, so the prefix stops counting as evictable KV. The
+    group check must count all members' prefixes as locked: a group that fits only while the others'
+    prefixes are still evictable used to be admitted member by member until the budget ran out (the
+    last one left behind, the group lost: a 500 seen under retraction). Here the KV cache holds
+    3000 tokens and each member reuses a cached 350-token prompt."""
+    url = variant_server.url
+    assert requests.post(f"{url}/flush_cache", timeout=30).status_code == 200
+    prompts = [[10 + i] + [(7 * j + i) % 300 + 20 for j in range(349)] for i in range(4)]
+    for p in prompts:  # now cached, unlocked: evictable
+        r = requests.post(f"{url}/generate", json={"input_ids": p, "sampling_params": {"max_new_tokens": 1}}, timeout=120)
+        assert r.status_code == 200, r.text
+
+    def group(max_new):
+        key = uuid.uuid4().hex
+        params = [{"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True,
+                   "custom_params": {"sgl_merge": {"group": key, "size": 4}}} for _ in prompts]
+        return requests.post(f"{url}/generate", json={"input_ids": [p + [5, 6] for p in prompts],
+                                                       "sampling_params": params}, timeout=600)
+
+    # 4 x (2 + 450) new tokens fit beside one locked prefix (3000 - 350) but not beside four (3000 - 1400).
+    r = group(450)
+    assert r.status_code == 400 and "KV tokens at once" in r.text, (r.status_code, r.text)
+    r = group(8)
+    assert r.status_code == 200 and len({tuple(o["output_ids"]) for o in r.json()}) == 1, r.text

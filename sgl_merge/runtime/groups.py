@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -275,15 +276,24 @@ class GroupRegistry:
                 return AddReqResult.OTHER
             rem_input -= tokens
             rem_chunk = None if rem_chunk is None else rem_chunk - tokens
+        # What admitting each member charges the budget (PrefillAdder._update_prefill_budget): the
+        # paged extend and the whole max_new_tokens, also for a retracted member whose check counts
+        # only the tokens it has left. The sum of the checks would let the last members run short.
         total = sum(
-            e + min(max(m.sampling_params.max_new_tokens - len(m.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+            adder.ceil_paged_tokens(e) + min(m.sampling_params.max_new_tokens, CLIP_MAX_NEW_TOKENS)
             + adder.per_req_token_overhead
             for e, m in zip(extends, group.members)
         )
-        can_admit, _ = adder._check_prefill_budget(
-            req, extend_input_len=sum(extends), total_tokens=total, swa_host_hit_length=0,
-            chunk_limit=adder.rem_chunk_tokens,
-        )
+        # Admitting a member locks its cached prefix, which then no longer counts as evictable: pin
+        # every member's prefix for the check (as SGLang pins the one request it checks), or the
+        # last members can find the budget gone although the group "fit".
+        with ExitStack() as pins:
+            for m in group.members:
+                pins.enter_context(adder._lock_node(m.last_node))
+            can_admit, _ = adder._check_prefill_budget(
+                req, extend_input_len=sum(extends), total_tokens=total, swa_host_hit_length=0,
+                chunk_limit=adder.rem_chunk_tokens,
+            )
         if not can_admit:
             if alone:
                 self.deferred.append((group, f"merge group {group.key!r} needs {total} KV tokens at once, more than "
