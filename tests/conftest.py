@@ -38,10 +38,13 @@ def server(tiny_model, tmp_path_factory):
 def variant_server(tiny_model, tmp_path_factory):
     """The same model under what the main server does not run: SGLang's overlap scheduler (its GPU
     default; `sgl-merge serve` turns it off on CPUs), retraction of running requests every 3
-    forwards (SGLang's own test switch) with a small KV budget, and a reasoning parser."""
+    forwards (SGLang's own test switch) with a small KV budget, a reasoning parser, at most 8 requests
+    per prefill batch, and requests with a priority refused (priority scheduling is off)."""
     log = tmp_path_factory.mktemp("variant") / "server.log"
     srv = ServerProcess.prepare(["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS,
-                                 "--max-total-tokens", "3000", "--reasoning-parser", "qwen3"], log_path=str(log))
+                                 "--max-total-tokens", "3000", "--reasoning-parser", "qwen3",
+                                 "--prefill-max-requests", "8", "--abort-on-priority-when-disabled"],
+                                log_path=str(log))
     srv.argv.remove("--disable-overlap-schedule")
     srv.env.update(SGLANG_TEST_RETRACT="1", SGLANG_TEST_RETRACT_INTERVAL="3")
     srv.start()

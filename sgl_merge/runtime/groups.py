@@ -5,12 +5,13 @@ A merge group is K requests that must decode in lockstep: they enter one prefill
 nothing of groups; these hooks make it keep them whole:
 
 - `_add_request_to_queue` registers members (and re-queued, retracted members).
-- `_get_new_batch_prefill_raw` hides members of incomplete groups from the waiting queue, expires
-  groups that stay incomplete too long, and checks afterwards that no group was split.
+- `_get_new_batch_prefill_raw` hides members of incomplete groups from the waiting queue and
+  checks afterwards that no group was split; `_poll_timeout_aborts` aborts groups that stay
+  incomplete too long (decided on one rank, broadcast by SGLang to all).
 - `SchedulePolicy.calc_priority` keeps each group's members adjacent in the queue, and
   `PrefillAdder.add_one_req` admits the first member only when the whole group fits.
 - `ScheduleBatch.retract_decode` retracts the rest of any group one of whose members was retracted.
-- `abort_request` fans an abort of one member out to the whole group.
+- `abort_request` fans an abort of one member out to the whole group (members matched by exact rid).
 
 A group that cannot be kept whole is finished, every member with the same reason naming the group.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -30,12 +31,22 @@ logger = logging.getLogger("sgl_merge")
 
 DEFAULT_GROUP_TIMEOUT_S = 30.0
 TIMEOUT_ENV = "SGLANG_MERGE_GROUP_TIMEOUT"
+# Rids no request has (SGLang matches abort rids as prefixes; no rid starts with NUL): members carry
+# PROTECTED while an abort must not reach them, and a group's timeout abort is aimed at TIMEOUT_RID.
+PROTECTED = "\x00sgl-merge-protected:"
+TIMEOUT_RID = "\x00sgl-merge-group-timeout:"
 
-# Server features under which members cannot stay in lockstep.
+# Server features under which members cannot stay in lockstep (server args).
 LOCKSTEP_BREAKERS = {
     "speculative_algorithm": "speculative decoding (--speculative-algorithm)",
     "pp_size": "pipeline parallelism (--pp-size > 1)",
     "enable_mixed_chunk": "mixed chunked prefill (--enable-mixed-chunk)",
+}
+# ... and scheduler state that can change while the server runs: hierarchical-cache storage can be
+# attached later, and its prefetches skip members one at a time during admission.
+RUNTIME_BREAKERS = {
+    "enable_hicache_storage": "hierarchical-cache storage prefetch (--hicache-storage-backend)",
+    "enable_lmcache": "LMCache (--enable-lmcache)",
 }
 
 
@@ -53,7 +64,9 @@ class Group:
     first_arrival: float = field(default_factory=time.monotonic)
     signature: dict | None = None
     requested_max_new: object = None
+    lora_id: str | None = None
     dead: bool = False
+    expiring: bool = False  # its timeout abort was sent
 
     def complete(self) -> bool:
         return len(self.members) == self.size
@@ -71,15 +84,17 @@ class GroupRegistry:
         self.groups: dict[str, Group] = {}
         self.timeout_s = seconds(TIMEOUT_ENV, DEFAULT_GROUP_TIMEOUT_S)
         args = scheduler.server_args
-        self.breaker = next(
-            (why for name, why in LOCKSTEP_BREAKERS.items()
-             if (getattr(args, name, None) not in (None, False, 0, 1, "NONE"))),
-            None,
-        )
-        if self.breaker is None and getattr(scheduler, "enable_priority_preemption", False):
+        self.static_breakers = [why for name, why in LOCKSTEP_BREAKERS.items()
+                                if getattr(args, name, None) not in (None, False, 0, 1, "NONE")]
+        if getattr(scheduler, "enable_priority_preemption", False):
             # Preemption evicts running requests one by one until a new one fits: part of a group.
-            self.breaker = ("priority preemption (--enable-priority-scheduling; add --disable-priority-preemption "
-                            "to keep priority scheduling)")
+            self.static_breakers.append("priority preemption (--enable-priority-scheduling; add "
+                                        "--disable-priority-preemption to keep priority scheduling)")
+        # Admission limits a group must fit as a whole (None: no limit).
+        self.max_queued = getattr(scheduler, "max_queued_requests", None)
+        from sglang.srt.runtime_context import get_schedule
+
+        self.prefill_max_requests = get_schedule().prefill_max_requests
         self.max_running = scheduler.max_running_requests
         self.max_total_tokens = scheduler.max_total_num_tokens
         self.allocatable = 0  # set for the duration of one admission pass
@@ -138,10 +153,19 @@ class GroupRegistry:
 
     # ---------------------------------------------------------------- arrival
 
+    def breakers(self) -> list[str]:
+        """What on this server keeps members from decoding in lockstep (empty: nothing)."""
+        return self.static_breakers + [why for name, why in RUNTIME_BREAKERS.items()
+                                       if getattr(self.scheduler, name, False)]
+
     def on_queue(self, req, is_retracted: bool) -> bool:
         """Register `req` (a member). False when it was refused and must not be queued."""
         spec = member_spec(req)
         group = self.groups.get(spec.group)
+        if group is not None and any(m is req for m in group.members):
+            # A member queued again without SGLang saying so: /pause_generation (mode "retract")
+            # re-queues every running request as if it were new.
+            is_retracted = True
         if is_retracted:
             if group is None or group.dead:
                 self.reject(req, f"merge group {spec.group!r} was finished while this member was retracted",
@@ -150,14 +174,17 @@ class GroupRegistry:
             group.waiting.add(req.rid)
             return True
         prefix = f"merge group {spec.group!r}"
-        if self.breaker:
-            self.reject(req, f"{prefix}: merging cannot keep members in lockstep with {self.breaker}; "
+        if breakers := self.breakers():
+            self.reject(req, f"{prefix}: merging cannot keep members in lockstep with {' and '.join(breakers)}; "
                              "start the server without it to use sgl_merge")
             return False
-        if spec.size > self.max_running:
-            self.reject(req, f"{prefix}: size {spec.size} exceeds the server's limit of {self.max_running} "
-                             "running requests (--max-running-requests); use a smaller size")
-            return False
+        for limit, flag, what in ((self.max_running, "--max-running-requests", "running requests"),
+                                  (self.max_queued, "--max-queued-requests", "queued requests"),
+                                  (self.prefill_max_requests, "--prefill-max-requests", "requests in one prefill batch")):
+            if limit is not None and spec.size > limit:
+                self.reject(req, f"{prefix}: size {spec.size} exceeds the server's limit of {limit} {what} "
+                                 f"({flag}); use a smaller size")
+                return False
         if group is None and spec.group in self.finished_keys:
             self.reject(req, f"{prefix} has already finished ({self.finished_keys[spec.group]}); "
                              "group ids must be unique to one merge")
@@ -177,7 +204,8 @@ class GroupRegistry:
         signature = sampling_signature(req.sampling_params)
         if group is None:
             group = self.groups[spec.group] = Group(spec.group, spec.size, spec.mode, signature=signature,
-                                                    requested_max_new=req._sgl_merge_requested_max_new)
+                                                    requested_max_new=req._sgl_merge_requested_max_new,
+                                                    lora_id=getattr(req, "lora_id", None))
         mismatch = None
         if spec.size != group.size:
             mismatch = f"members disagree on sampling_params.custom_params.sgl_merge.size ({group.size} vs {spec.size})"
@@ -187,6 +215,8 @@ class GroupRegistry:
             mismatch = "members disagree on sampling_params.max_new_tokens"
         elif (name := first_mismatch(group.signature, signature)) is not None:
             mismatch = f"members disagree on sampling_params.{name}"
+        elif getattr(req, "lora_id", None) != group.lora_id:
+            mismatch = "members disagree on lora_path (one token is sampled for all: one model, one adapter)"
         elif len(group.members) >= group.size:
             mismatch = f"more than {group.size} requests use this group id; group ids must be unique to one merge"
         elif any(m.rid == req.rid for m in group.members):
@@ -215,14 +245,27 @@ class GroupRegistry:
 
     # ---------------------------------------------------------------- admission
 
-    def expire(self) -> None:
-        now = time.monotonic()
+    def timeout_aborts(self) -> list:
+        """Aborts for the groups still incomplete after the timeout, one per group (aimed at no
+        request: `on_abort` ends the group's members). Called on the scheduler rank that polls SGLang's
+        own timeouts: SGLang broadcasts these aborts with the requests, so every tensor-parallel
+        rank ends the same groups in the same iteration, whatever its own clock says."""
+        from sglang.srt.managers.io_struct import AbortReq
+
+        now, aborts = time.monotonic(), []
+        for group in self.groups.values():
+            if group.complete() or group.expiring or now - group.first_arrival <= self.timeout_s:
+                continue
+            group.expiring = True
+            message = (f"merge group {group.key!r} timed out: only {len(group.members)} of {group.size} "
+                       f"members arrived within {self.timeout_s:g} s ({TIMEOUT_ENV})")
+            aborts.append(AbortReq(rid=TIMEOUT_RID + group.key, finished_reason={
+                "type": "abort", "status_code": HTTPStatus.REQUEST_TIMEOUT, "message": message}))
+        return aborts
+
+    def forget_finished(self) -> None:
         for group in list(self.groups.values()):
-            if not group.complete() and now - group.first_arrival > self.timeout_s:
-                self.finish(group, f"merge group {group.key!r} timed out: only {len(group.members)} of {group.size} "
-                                   f"members arrived within {self.timeout_s:g} s ({TIMEOUT_ENV})",
-                            HTTPStatus.REQUEST_TIMEOUT)
-            elif all(m.finished() for m in group.members) and group.complete():
+            if group.complete() and all(m.finished() for m in group.members):
                 self.groups.pop(group.key, None)
 
     def is_held_back(self, req) -> bool:
@@ -256,9 +299,15 @@ class GroupRegistry:
         group = self.groups[member_spec(req).group]
         if len(adder.can_run_list) + group.size > self.allocatable:
             return AddReqResult.NO_TOKEN
+        if self.prefill_max_requests is not None and len(adder.can_run_list) + group.size > self.prefill_max_requests:
+            return AddReqResult.OTHER
         for m in group.members:
             if m is not req:
                 m.init_next_round_input(self.scheduler.tree_cache)
+        if adder.rem_mamba_slots is not None:  # hybrid models: one state slot per member
+            slots = sum(adder._mamba_gap_budget_for_req(m, include_host_hit=True) for m in group.members)
+            if slots // adder._mamba_slot_cost > adder.rem_mamba_slots:
+                return AddReqResult.NO_TOKEN
         alone = not adder.can_run_list and self.scheduler.running_batch.is_empty()
         extends = [len(m.full_untruncated_fill_ids) - m.prefix_len for m in group.members]
         rem_input, rem_chunk = adder.rem_input_tokens, adder.rem_chunk_tokens
@@ -361,10 +410,64 @@ class GroupRegistry:
             if req.to_finish is None:
                 req.to_finish = FINISH_ABORT("merge group aborted under KV-cache pressure", HTTPStatus.SERVICE_UNAVAILABLE)
 
-    def on_abort(self, rid: str, abort_all: bool) -> None:
-        """An abort matched some requests (SGLang matches rid prefixes): finish their whole groups."""
+    def protected_from(self, recv_req) -> list:
+        """The members (and would-be members whose grammar still compiles) that SGLang's prefix
+        match of `recv_req.rid` would abort although their rid is not `recv_req.rid`: a user rid
+        that is a prefix of another call's rid must not end that call's group."""
+        rid = recv_req.rid or ""
+        if recv_req.abort_all or not rid or rid.startswith("\x00"):
+            return []
+        grammar_queue = getattr(self.scheduler.grammar_manager, "grammar_queue", [])
+        candidates = [m for g in self.groups.values() for m in g.members]
+        candidates += [r for r in grammar_queue if getattr(r, "_sgl_merge_requested_max_new", None) is not None]
+        return [r for r in candidates if r.rid != rid and r.rid.startswith(rid)]
+
+    def on_abort(self, recv_req) -> None:
+        """An abort reached some members: finish their whole groups. The abort's own reason (a
+        timeout, a client's message) becomes the group's."""
+        rid = recv_req.rid or ""
+        reason = recv_req.finished_reason or {}
+        if rid.startswith(TIMEOUT_RID):
+            if (group := self.groups.get(rid[len(TIMEOUT_RID):])) is not None:
+                self.finish(group, reason["message"], reason["status_code"])
+            return
         for group in list(self.groups.values()):
-            hit = [m.rid for m in group.members if abort_all or m.rid.startswith(rid)]
-            if hit:
-                self.finish(group, f"merge group {group.key!r} aborted: member {hit[0]!r} was aborted",
-                            HTTPStatus.BAD_REQUEST)
+            hit = [m.rid for m in group.members if recv_req.abort_all or m.rid == rid]
+            if not hit:
+                continue
+            why = reason.get("message") or recv_req.abort_message
+            self.finish(group, f"merge group {group.key!r} aborted: member {hit[0]!r} was aborted"
+                               + (f" ({why})" if why else ""), reason.get("status_code") or HTTPStatus.BAD_REQUEST)
+
+    @contextmanager
+    def dropped_members(self):
+        """Within: the members SGLang ends outside its output stream (`send_abort_output`) end
+        their groups with SGLang's reason once the block is over."""
+        sched, dropped = self.scheduler, []
+
+        def send_abort_output(abort_req, req, _send=sched.send_abort_output):
+            if member_spec(req) is not None:
+                dropped.append((req, abort_req.finished_reason))
+            return _send(abort_req, req)
+
+        sched.send_abort_output = send_abort_output
+        try:
+            yield
+        finally:
+            del sched.send_abort_output
+        for req, reason in dropped:
+            self.on_dropped(req, reason)
+
+    def on_dropped(self, req, reason: dict | None) -> None:
+        """SGLang ended `req` (a member) while queueing it or another request (its queue limit, its
+        priority checks, eviction by a higher-priority arrival): the group cannot merge without it."""
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        reason = reason or {}
+        why = reason.get("message") or "it was dropped by the scheduler"
+        status = reason.get("status_code") or HTTPStatus.SERVICE_UNAVAILABLE
+        req.finished_reason = FINISH_ABORT(why, status)  # SGLang has answered it already
+        group = self.groups.get(member_spec(req).group)
+        if group is not None and not group.dead:
+            self.finish(group, f"merge group {group.key!r} finished: member {req.rid!r} was dropped by the "
+                               f"scheduler: {why}", status)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import zlib
 
 from sgl_merge.runtime import sampling
-from sgl_merge.runtime.groups import GroupRegistry, member_spec
+from sgl_merge.runtime.groups import PROTECTED, GroupRegistry, member_spec
 from sgl_merge.runtime.spec import KEY, MergeSpecError, parse_member_spec
 
 _admission: GroupRegistry | None = None  # the registry of the admission pass in progress
@@ -71,9 +71,15 @@ def record_requested_max_new(original, scheduler, req):
 
 
 def add_to_queue(original, scheduler, req, is_retracted=False):
-    """AROUND Scheduler._add_request_to_queue: register merge-group members."""
+    """AROUND Scheduler._add_request_to_queue: register merge-group members; a member SGLang drops
+    here (its queue limit or priority checks, or an existing member evicted for this request)
+    ends its group at once."""
+    reg = _registry
     if not _asks_to_merge(req):
-        return original(scheduler, req, is_retracted)
+        if reg is None or not reg.groups:
+            return original(scheduler, req, is_retracted)
+        with reg.dropped_members():
+            return original(scheduler, req, is_retracted)
     reg = registry(scheduler)
     if not is_retracted:
         try:
@@ -83,13 +89,22 @@ def add_to_queue(original, scheduler, req, is_retracted=False):
             return None
     if not reg.on_queue(req, is_retracted):
         return None
-    out = original(scheduler, req, is_retracted)
+    with reg.dropped_members():
+        out = original(scheduler, req, is_retracted)
     queue = scheduler.waiting_queue
     if _admission is reg and queue and queue[-1] is req:
         # Queued during an admission pass (SGLang queues requests whose grammar just compiled at
         # its start): keep it out of this pass like the other members of unready groups.
         reg.hidden.append(queue.pop())
     return out
+
+
+def poll_group_timeouts(result, scheduler):
+    """AFTER Scheduler._poll_timeout_aborts (run by one rank, whose aborts SGLang broadcasts to
+    all): groups still incomplete after the timeout are aborted like SGLang's own timeouts."""
+    if _registry is not None and _registry.groups:
+        result = [*result, *_registry.timeout_aborts()]
+    return result
 
 
 # ------------------------------------------------------------------ scheduler: admission
@@ -103,7 +118,7 @@ def new_prefill_batch(original, scheduler, prefill_delayer_single_pass, running_
     # open a group, so a pending grammar counts as a possible group.
     if reg is None or not (reg.groups or scheduler.grammar_manager.has_waiting_grammars()):
         return original(scheduler, prefill_delayer_single_pass, running_batch)
-    reg.expire()
+    reg.forget_finished()
     queue = scheduler.waiting_queue
     reg.hidden = [r for r in queue if reg.is_held_back(r)]
     if reg.hidden:
@@ -154,10 +169,21 @@ def retract(original, batch, *args, **kwargs):
     return retracted, ratio, aborted
 
 
-def abort(result, scheduler, recv_req):
-    """AFTER Scheduler.abort_request: an abort of one member ends its whole group."""
-    if _registry is not None and _registry.groups:
-        _registry.on_abort(recv_req.rid or "", recv_req.abort_all)
+def abort(original, scheduler, recv_req):
+    """AROUND Scheduler.abort_request: an abort of one member ends its whole group. SGLang matches
+    rids by prefix; members are matched exactly, so they are out of its reach during the call."""
+    reg = _registry
+    if reg is None:
+        return original(scheduler, recv_req)
+    protected = reg.protected_from(recv_req)
+    for r in protected:
+        r.rid = PROTECTED + r.rid
+    try:
+        result = original(scheduler, recv_req)
+    finally:
+        for r in protected:
+            r.rid = r.rid[len(PROTECTED):]
+    reg.on_abort(recv_req)
     return result
 
 
@@ -171,7 +197,8 @@ HOOKS = [
     ("sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority", "AFTER", keep_groups_adjacent),
     ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", "AROUND", admit),
     ("sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", "AROUND", retract),
-    ("sglang.srt.managers.scheduler.Scheduler.abort_request", "AFTER", abort),
+    ("sglang.srt.managers.scheduler.Scheduler.abort_request", "AROUND", abort),
+    ("sglang.srt.managers.scheduler.Scheduler._poll_timeout_aborts", "AFTER", poll_group_timeouts),
     ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_from_schedule_batch", "AROUND", sampling.on_new_info),
     ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_filter_batch", "AROUND", sampling.on_filter),
     ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_merge_batch", "AROUND", sampling.on_merge),

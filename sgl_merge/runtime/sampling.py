@@ -154,9 +154,12 @@ def sample(original, sampler, logits_output, sampling_info, *args, **kwargs):
     ids = original(sampler, logits_output, sampling_info, *args, **kwargs)
     ids = ids[m.leader]
     agree = own == ids.index_select(0, m.member_rows)
-    if agree.is_cuda:  # read on the host after SGLang's own copy of the ids has completed
+    copied = None
+    if agree.is_cuda:  # copied without waiting; read on the host once this event has passed
         agree = agree.to("cpu", non_blocking=True)
-    setattr(logits_output, AGREE_ATTR, (m.members, agree))
+        copied = torch.cuda.Event()
+        copied.record()
+    setattr(logits_output, AGREE_ATTR, (m.members, agree, copied))
     return ids
 
 
@@ -175,9 +178,10 @@ def record_agreement(processor, batch, result, *args, **kwargs):
     recorded = getattr(getattr(result, "logits_output", None), AGREE_ATTR, None)
     if recorded is None:
         return None
-    if result.copy_done is not None:
-        result.copy_done.synchronize()  # what SGLang does first thing after this hook
-    members, agree = recorded
+    members, agree, copied = recorded
+    if copied is not None:
+        # Our own event: SGLang's `copy_done` exists only with the overlap scheduler.
+        copied.synchronize()
     for req, ok in zip(members, agree.tolist()):
         spec = member_spec(req)
         steps = getattr(req, "_sgl_merge_steps", 0) + 1
