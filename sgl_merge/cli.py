@@ -49,7 +49,11 @@ def serve(argv: list[str]) -> int:
     except SGLangVersionError as e:
         print(f"sgl-merge serve: {e}", file=sys.stderr)
         return 1
-    server = ServerProcess.prepare(argv)
+    try:
+        server = ServerProcess.prepare(argv)
+    except ValueError as e:  # a setting this machine cannot run (e.g. more CPU ranks than cores)
+        print(f"sgl-merge serve: {e}", file=sys.stderr)
+        return 2
 
     def stop(signum, frame):
         raise KeyboardInterrupt

@@ -73,15 +73,20 @@ def with_cpu_defaults(argv: list[str]) -> list[str]:
     return out
 
 
-def validate_args(argv: list[str]) -> tuple[str, int]:
-    """Parse with SGLang's own parser (bad arguments get SGLang's message, exit 2); return host, port."""
+def parse_args(argv: list[str]):
+    """Parse with SGLang's own parser (bad arguments get SGLang's message, exit 2)."""
     import argparse
 
     from sglang.srt.server_args import ServerArgs
 
     parser = argparse.ArgumentParser(prog="sgl-merge serve")
     ServerArgs.add_cli_args(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def validate_args(argv: list[str]) -> tuple[str, int]:
+    """Parse with SGLang's own parser; return host, port."""
+    args = parse_args(argv)
     return args.host, args.port
 
 
@@ -110,7 +115,8 @@ class ServerProcess:
         env = dict(os.environ)
         if wants_cpu(argv):
             argv = with_cpu_defaults(argv)
-            env.update(cpu_engine_env(env))
+            args = parse_args(argv)
+            env.update(cpu_engine_env(env, ranks=args.dp_size * args.tp_size * args.pp_size))
         host, port = validate_args(argv)
         host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         return cls(argv=argv, log_path=log_path, env=env, url=f"http://{host}:{port}")

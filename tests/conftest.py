@@ -56,12 +56,27 @@ def variant_server(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dp_server(tiny_model, tmp_path_factory):
+    """Data parallelism on the CPU: `sgl-merge serve --dp-size 2` (two scheduler ranks, one core
+    each, which the launcher binds), SGLang's own default scheduler on CPUs (no overlap), and
+    retraction every 3 forwards with a small KV budget per rank."""
+    log = tmp_path_factory.mktemp("dp") / "server.log"
+    argv = ["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS,
+            "--dp-size", "2", "--max-total-tokens", "3000"]
+    env = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
+    with ServeProcess(argv, log_path=log, env=env, timeout=300) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
 def non_thinking_server(tmp_path_factory):
-    """A second configuration in one server: a model without <think> / </think> tokens, and SGLang's
-    priority scheduling with preemption on (which merging refuses)."""
+    """A second configuration in one server: a model without <think> / </think> tokens, and two
+    features merging refuses: SGLang's priority scheduling with preemption, and mixed chunked prefill
+    (which needs chunked prefill, off by default on CPUs)."""
     model = build_tiny_model(tmp_path_factory.mktemp("non-thinking"), think_tokens=False)
     log = tmp_path_factory.mktemp("non-thinking-server") / "server.log"
-    argv = ["--model-path", str(model), "--port", str(free_port()), *TEST_SERVER_FLAGS, "--enable-priority-scheduling"]
+    argv = ["--model-path", str(model), "--port", str(free_port()), *TEST_SERVER_FLAGS, "--enable-priority-scheduling",
+            "--enable-mixed-chunk", "--chunked-prefill-size", "512"]
     with ServeProcess(argv, log_path=log) as srv:
         yield srv
 

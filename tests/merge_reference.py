@@ -42,3 +42,29 @@ def check_merged_greedy(model, contexts, produced, mode, weights=None):
             )
         answer.append(token)
     return len(answer)
+
+
+def merged_greedy(model, contexts, steps, mode, weights=None) -> list[int]:
+    """The reference's own merged greedy answer of `steps` tokens."""
+    answer: list[int] = []
+    for _ in range(steps):
+        answer.append(int(merge_rows(next_logits(model, [c + answer for c in contexts]), mode, weights).argmax()))
+    return answer
+
+
+def own_choice_agreement(model, contexts, produced) -> list[tuple[float, float]]:
+    """For each member, the (lowest, highest) fraction of steps at which its own next-token argmax
+    (its context plus the merged answer so far) equals the merged token; the two differ only where
+    the member's own top two scores are a near-tie."""
+    bounds = []
+    for ctx in contexts:
+        sure = near_tie = 0
+        for step, token in enumerate(produced):
+            row = next_logits(model, [ctx + produced[:step]])[0].double()
+            top = torch.topk(row, 2)
+            if float(top.values[0] - top.values[1]) < TIE_TOLERANCE:
+                near_tie += int(token in top.indices.tolist())
+            else:
+                sure += int(int(top.indices[0]) == token)
+        bounds.append((sure / len(produced), (sure + near_tie) / len(produced)))
+    return bounds

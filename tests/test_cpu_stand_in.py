@@ -129,3 +129,19 @@ def test_cpu_env_uses_stand_in_only_when_real_package_cannot_load(monkeypatch):
     assert env == {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": f"{STAND_IN_DIR}:/opt/x"}
     monkeypatch.setattr(cpu, "real_sgl_kernel_loads", lambda env=None: True)
     assert cpu.cpu_engine_env({"SGLANG_USE_CPU_ENGINE": "0"}) == {}
+
+
+def test_multi_rank_cpu_servers_give_each_rank_its_own_cores(monkeypatch):
+    """SGLang's CPU engine puts one rank per NUMA node unless told otherwise, so `--dp-size 2`
+    failed on a one-node machine; the launcher now splits the cores (unless the user set them)."""
+    import sgl_merge.cpu as cpu
+
+    monkeypatch.setattr(cpu, "real_sgl_kernel_loads", lambda env=None: True)
+    assert cpu.threads_bind(2, [0, 1]) == "0|1"
+    assert cpu.threads_bind(3, list(range(8))) == "0-1|2-3|4-5"
+    base = {"SGLANG_USE_CPU_ENGINE": "1"}
+    assert cpu.cpu_engine_env(base, ranks=1) == {}
+    assert cpu.cpu_engine_env(base, ranks=2)[cpu.THREADS_BIND].count("|") == 1
+    assert cpu.cpu_engine_env({**base, cpu.THREADS_BIND: "0|1"}, ranks=2) == {}
+    with pytest.raises(ValueError, match="need at least 3 CPU cores"):
+        cpu.threads_bind(3, [0, 1])

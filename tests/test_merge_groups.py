@@ -11,7 +11,7 @@ import uuid
 import pytest
 import requests
 import torch
-from merge_reference import check_merged_greedy, merge_rows, next_logits
+from merge_reference import check_merged_greedy, merge_rows, merged_greedy, next_logits, own_choice_agreement
 
 PROMPTS = [
     "Think step by step: what is 12 + 30?",
@@ -64,6 +64,41 @@ def test_weights_follow_the_weighted_mean(server, hf_model, tokenizer):
     weights = [3.0, 1.0, 0.5]
     out = run_group(server, contexts, "logits", weights)
     check_merged_greedy(hf_model, contexts, out[0]["output_ids"], "logits", weights)
+
+
+def test_agreement_is_the_share_of_steps_where_a_members_own_choice_was_the_merged_token(server, hf_model, tokenizer):
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    out = run_group(server, contexts, "logits", max_new_tokens=24)
+    produced = out[0]["output_ids"]
+    bounds = own_choice_agreement(hf_model, contexts, produced)
+    assert len({lo for lo, _ in bounds}) > 1, "the case should give members different agreements"
+    for o, (lo, hi) in zip(out, bounds):
+        info = o["meta_info"]["sgl_merge"]
+        assert info["merged_steps"] == 24
+        assert lo <= info["agreement"] <= hi, (info["agreement"], lo, hi)
+
+
+def test_weights_change_the_tokens(server, hf_model, tokenizer):
+    """A case where ignoring the weights gives other tokens: the server follows the weights."""
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    weights = [1.0, 9.0]
+    even, weighted = (merged_greedy(hf_model, contexts, 16, "logits", w) for w in (None, weights))
+    assert even != weighted, "the case should be one where the weights matter"
+    out = run_group(server, contexts, "logits", weights, max_new_tokens=16)
+    assert check_merged_greedy(hf_model, contexts, out[0]["output_ids"], "logits", weights) == 16
+    assert out[0]["output_ids"] != even
+
+
+def test_probs_mode_gives_other_tokens_than_logits_which_equal_logprobs(server, hf_model, tokenizer):
+    """logprobs differ from logits by one constant per row, so their weighted means give the same
+    distribution (README says so); probs averages after the softmax, which is another one."""
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    by_logits, by_probs = (merged_greedy(hf_model, contexts, 16, m) for m in ("logits", "probs"))
+    assert by_logits != by_probs, "the case should be one where the modes differ"
+    outs = {m: run_group(server, contexts, m, max_new_tokens=16)[0]["output_ids"] for m in ("logits", "logprobs", "probs")}
+    assert outs["logits"] == outs["logprobs"]
+    assert check_merged_greedy(hf_model, contexts, outs["probs"], "probs") == 16
+    assert outs["probs"] != outs["logits"]
 
 
 def test_single_member_group_equals_plain_request(server, tokenizer):
@@ -283,12 +318,44 @@ def test_group_larger_than_the_server_can_hold_is_rejected_with_the_limit(server
     assert generate(server, [1, 2, 3], {"max_new_tokens": 2}).status_code == 200
 
 
+def test_a_group_whose_prompts_exceed_one_prefill_batch_is_refused_naming_the_flags(server):
+    """Members are prefilled in one batch, unchunked: together they must fit its token limit."""
+    info = requests.get(f"{server.url}/server_info", timeout=10).json()
+    limit = info["chunked_prefill_size"] if (info["chunked_prefill_size"] or 0) > 0 else info["max_prefill_tokens"]
+    length = 3000
+    k = limit // length + 1
+    assert k * length < info["max_total_tokens"], "the prompts should fit the KV cache"
+    gen = torch.Generator().manual_seed(3)
+    contexts = [torch.randint(0, 384, (length,), generator=gen).tolist() for _ in range(k)]
+    group = uuid.uuid4().hex
+    r = generate(server, contexts, [merge_params(group, k, max_new_tokens=2) for _ in range(k)])
+    assert r.status_code == 400 and f"needs {k * length} uncached prompt tokens" in r.text, r.text
+    assert "--chunked-prefill-size" in r.text
+
+
+def test_a_group_whose_prompts_exceed_the_kv_cache_is_refused_naming_the_flag(variant_server):
+    """The variant server's KV cache holds 3000 tokens: two prompts of 1600 can never be resident."""
+    gen = torch.Generator().manual_seed(4)
+    contexts = [torch.randint(0, 384, (1600,), generator=gen).tolist() for _ in range(2)]
+    group = uuid.uuid4().hex
+    r = generate(variant_server, contexts, [merge_params(group, 2, max_new_tokens=2) for _ in range(2)])
+    assert r.status_code == 400 and "needs 3200 KV tokens for its prompts" in r.text, r.text
+    assert "--max-total-tokens" in r.text
+
+
 def test_merging_is_refused_where_priority_preemption_could_split_a_group(non_thinking_server):
     """SGLang preempts running requests one at a time for a higher-priority arrival."""
     group = uuid.uuid4().hex
     r = generate(non_thinking_server, [[1, 2, 3], [4, 5]], [merge_params(group, 2) for _ in range(2)])
     assert r.status_code == 400 and "--enable-priority-scheduling" in r.text and "--disable-priority-preemption" in r.text
     assert generate(non_thinking_server, [1, 2, 3], {"max_new_tokens": 2}).status_code == 200
+
+
+def test_merging_is_refused_where_mixed_chunked_prefill_could_split_a_group(non_thinking_server):
+    """A mixed batch decodes some members while it prefills others; the refusal names every cause."""
+    group = uuid.uuid4().hex
+    r = generate(non_thinking_server, [[1, 2, 3], [4, 5]], [merge_params(group, 2) for _ in range(2)])
+    assert r.status_code == 400 and "--enable-mixed-chunk" in r.text and "--enable-priority-scheduling" in r.text
 
 
 def test_beam_search_cannot_join_a_group(server):

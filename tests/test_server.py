@@ -64,6 +64,15 @@ def test_bad_arguments_get_sglangs_own_message():
     assert "unrecognized arguments: --no-such-flag" in out.stderr
 
 
+def test_more_cpu_ranks_than_cores_is_a_clear_error():
+    out = subprocess.run(
+        [sys.executable, "-m", "sgl_merge.cli", "serve", "--model-path", "x", "--device", "cpu", "--dp-size", "4096"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "4096 ranks (dp_size * tp_size * pp_size) need at least 4096 CPU cores" in out.stderr
+
+
 def test_serve_help_explains_cpu_defaults_and_lists_sglang_flags():
     out = subprocess.run(
         [sys.executable, "-m", "sgl_merge.cli", "serve", "--help"], capture_output=True, text=True, timeout=120

@@ -37,11 +37,13 @@ PROTECTED = "\x00sgl-merge-protected:"
 TIMEOUT_RID = "\x00sgl-merge-group-timeout:"
 
 # Server features under which members cannot stay in lockstep (server args).
-LOCKSTEP_BREAKERS = {
-    "speculative_algorithm": "speculative decoding (--speculative-algorithm)",
-    "pp_size": "pipeline parallelism (--pp-size > 1)",
-    "enable_mixed_chunk": "mixed chunked prefill (--enable-mixed-chunk)",
-}
+# Each is read where SGLang itself decides: mixed chunking is on only with chunked prefill.
+LOCKSTEP_BREAKERS = [
+    (lambda sched, args: getattr(args, "speculative_algorithm", None) not in (None, "NONE"),
+     "speculative decoding (--speculative-algorithm)"),
+    (lambda sched, args: (getattr(args, "pp_size", None) or 1) > 1, "pipeline parallelism (--pp-size > 1)"),
+    (lambda sched, args: bool(getattr(sched, "is_mixed_chunk", False)), "mixed chunked prefill (--enable-mixed-chunk)"),
+]
 # ... and scheduler state that can change while the server runs: hierarchical-cache storage can be
 # attached later, and its prefetches skip members one at a time during admission.
 RUNTIME_BREAKERS = {
@@ -84,8 +86,7 @@ class GroupRegistry:
         self.groups: dict[str, Group] = {}
         self.timeout_s = seconds(TIMEOUT_ENV, DEFAULT_GROUP_TIMEOUT_S)
         args = scheduler.server_args
-        self.static_breakers = [why for name, why in LOCKSTEP_BREAKERS.items()
-                                if getattr(args, name, None) not in (None, False, 0, 1, "NONE")]
+        self.static_breakers = [why for applies, why in LOCKSTEP_BREAKERS if applies(scheduler, args)]
         if getattr(scheduler, "enable_priority_preemption", False):
             # Preemption evicts running requests one by one until a new one fits: part of a group.
             self.static_breakers.append("priority preemption (--enable-priority-scheduling; add "
