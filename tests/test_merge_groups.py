@@ -89,6 +89,26 @@ def test_weights_change_the_tokens(server, hf_model, tokenizer):
     assert out[0]["output_ids"] != even
 
 
+def test_a_group_can_share_one_sampling_params_with_a_weights_list(server, hf_model, tokenizer):
+    """The batch shape SGLang's gateway (smg) forwards: input_ids for all members, one sampling_params."""
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    weights = [1.0, 9.0]
+    params = merge_params(uuid.uuid4().hex, 2, max_new_tokens=16)
+    params["custom_params"]["sgl_merge"]["weights"] = weights
+    r = generate(server, contexts, params)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [o["meta_info"]["sgl_merge"]["weight"] for o in out] == weights
+    assert out[0]["output_ids"] == out[1]["output_ids"]
+    assert check_merged_greedy(hf_model, contexts, out[0]["output_ids"], "logits", weights) == 16
+    params = merge_params(uuid.uuid4().hex, 2)
+    params["custom_params"]["sgl_merge"]["weights"] = [1.0, 2.0, 3.0]
+    r = generate(server, contexts, params)
+    assert r.status_code == 400 and "sgl_merge.weights must be a list with one weight per prompt (2)" in r.text, r.text
+    r = generate(server, contexts[0], params)
+    assert r.status_code == 400 and "sgl_merge.weights is for a batch" in r.text, r.text
+
+
 def test_probs_mode_gives_other_tokens_than_logits_which_equal_logprobs(server, hf_model, tokenizer):
     """logprobs differ from logits by one constant per row, so their weighted means give the same
     distribution (README says so); probs averages after the softmax, which is another one."""

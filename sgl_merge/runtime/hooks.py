@@ -11,7 +11,7 @@ import zlib
 
 from sgl_merge.runtime import sampling
 from sgl_merge.runtime.groups import PROTECTED, GroupRegistry, member_spec
-from sgl_merge.runtime.spec import KEY, MergeSpecError, parse_member_spec
+from sgl_merge.runtime.spec import KEY, MergeSpecError, expand_shared_weights, parse_member_spec
 
 _admission: GroupRegistry | None = None  # the registry of the admission pass in progress
 _registry: GroupRegistry | None = None  # this process's scheduler's (one scheduler per process)
@@ -189,6 +189,7 @@ def abort(original, scheduler, recv_req):
 
 # (target, kind, function); kind is a HookType name.
 HOOKS = [
+    ("sglang.srt.managers.io_struct.GenerateReqInput._normalize_sampling_params", "BEFORE", expand_shared_weights),
     ("sglang.srt.sampling.sampling_params.SamplingParams.verify", "AFTER", verify_request),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object", "AFTER", route_group),
     ("sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens", "AROUND", record_requested_max_new),

@@ -2,6 +2,10 @@
 
     {"group": "<unique id>", "size": K, "mode": "logits" | "logprobs" | "probs", "weight": 1.0}
 
+A group sent as one batch with one shared `sampling_params` (the only batch shape SGLang's
+gateway, smg, forwards) gives its members' weights as a list instead: `"weights": [w0, ...]`,
+one per prompt; `expand_shared_weights` turns it into each member's `weight`.
+
 Parsed and validated here, once, in the tokenizer process (so bad input is a 400 that names the
 field) and again in the scheduler (which attaches the parsed spec to the request).
 """
@@ -49,6 +53,9 @@ def parse_member_spec(custom_params) -> MemberSpec | None:
             '{"group": "<id>", "size": K, "mode": "logits"}, '
             f"got {type(entry).__name__}"
         )
+    if "weights" in entry:
+        raise MergeSpecError(f"{PREFIX}.weights is for a batch of all K members with one shared sampling_params "
+                             f"(one list entry per prompt); give each member its own {PREFIX}.weight otherwise")
     unknown = sorted(set(entry) - set(FIELDS))
     if unknown:
         raise MergeSpecError(f"{PREFIX} has unknown field(s) {unknown}; allowed: {list(FIELDS)}")
@@ -75,3 +82,23 @@ def sampling_signature(sampling_params) -> dict:
 def first_mismatch(a: dict, b: dict) -> str | None:
     """The name of the first shared sampling field that differs, or None."""
     return next((f for f in SHARED_SAMPLING_FIELDS if a.get(f) != b.get(f)), None)
+
+
+def expand_shared_weights(obj, num: int) -> None:
+    """BEFORE GenerateReqInput._normalize_sampling_params: a batch whose one shared sampling_params
+    carries `sgl_merge.weights` becomes one sampling_params per prompt, each with its `weight`."""
+    params = obj.sampling_params
+    entry = params.get("custom_params", {}).get(KEY) if isinstance(params, dict) else None
+    if not isinstance(entry, dict) or "weights" not in entry:
+        return
+    weights = entry["weights"]
+    if getattr(obj, "parallel_sample_num", 1) != 1:
+        raise MergeSpecError(f"{PREFIX}.weights cannot be combined with sampling_params.n > 1")
+    if not isinstance(weights, list) or len(weights) != num:
+        raise MergeSpecError(f"{PREFIX}.weights must be a list with one weight per prompt ({num}), got {weights!r}")
+    if "weight" in entry:
+        raise MergeSpecError(f"{PREFIX} takes weights (one per prompt) or weight, not both")
+    rest = {k: v for k, v in entry.items() if k != "weights"}
+    obj.sampling_params = [
+        {**params, "custom_params": {**params["custom_params"], KEY: {**rest, "weight": w}}} for w in weights
+    ]
