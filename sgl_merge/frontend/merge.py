@@ -6,10 +6,16 @@ Used inside `@sgl.function` programs running on a `RuntimeEndpoint` whose server
     forks += sgl.gen("thinking", max_tokens=2048, stop="</think>", temperature=0.6)
     answer = sgl_merge.merge_gen(forks, "answer", max_tokens=512, temperature=0.6)
 
-`merge_gen` sends one batched /generate whose members are the forks' contexts and writes the one
-merged answer into every fork. A fork's context goes as token ids when they are known (forks made
-by `think_merge` carry the exact ids the server generated, so the radix cache serves each whole
-branch); otherwise as text, which the server tokenizes.
+`merge_gen` sends one /generate whose members are the forks' contexts as token ids, with one shared
+sampling_params, and writes the one merged answer into every fork. Forks made by `think_merge`
+carry the exact ids the server generated (so the radix cache serves each whole branch); other
+contexts are tokenized by the server first.
+
+Everything here also works through SGLang's model gateway (smg): a group is one request (which
+the gateway sends to one worker), every request carries a routing key (`X-SMG-Routing-Key`: one
+per `think_merge` call, so its traces and its merge share one worker's cache), the server check
+falls back to `/get_server_info`, tokenizing to `/generate`, and traces end by closing their
+stream when `/abort_request` is not served.
 """
 
 from __future__ import annotations
@@ -48,30 +54,63 @@ def _backend_url(states) -> str:
     return url.rstrip("/")
 
 
+ROUTING_HEADER = "X-SMG-Routing-Key"  # SGLang's gateway (smg) routes requests with one key to one worker
+
+
 def ensure_merge_server(url: str) -> None:
     """Check once per URL that the server runs sgl-merge, so a plain server fails clearly."""
     if url in _checked_urls:
         return
     try:
-        states = requests.get(f"{url}/server_info", timeout=30).json().get("internal_states") or []
-    except (requests.RequestException, ValueError) as e:
+        r = requests.get(f"{url}/server_info", timeout=30)
+        if r.status_code == 404:  # SGLang's gateway serves only the older name
+            r = requests.get(f"{url}/get_server_info", timeout=30)
+        states = r.json().get("internal_states") or []
+    except (requests.RequestException, ValueError, AttributeError) as e:
         raise MergeError(f"server at {url} did not answer /server_info: {e}") from e
     if not any(isinstance(st, dict) and (st.get("sgl_merge") or {}).get("active") for st in states):
         raise MergeError(f"server at {url} does not have sgl-merge active; start it with sgl-merge serve")
     _checked_urls.add(url)
 
 
-def _post(url: str, body: dict) -> list | dict:
-    r = requests.post(f"{url}/generate", json=body, timeout=None)
+def _post(url: str, body: dict, key: str) -> list | dict:
+    r = requests.post(f"{url}/generate", json=body, headers={ROUTING_HEADER: key}, timeout=None)
     if r.status_code != 200:
         raise MergeError(f"/generate failed with HTTP {r.status_code}: {r.text[:500]}")
     return r.json()
 
 
-def _tokenize(url: str, text: str) -> list[int]:
-    r = requests.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
-    r.raise_for_status()
-    return r.json()["tokens"]
+def _tokenize(url: str, text: str, key: str, add_special_tokens: bool = False) -> list[int]:
+    """The server's token ids for `text`: /tokenize, or where that is not served (the gateway) the
+    prompt ids of a zero-token /generate, which also warms the routed worker's cache."""
+    r = requests.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": add_special_tokens},
+                      headers={ROUTING_HEADER: key}, timeout=60)
+    if r.status_code != 404:
+        r.raise_for_status()
+        return r.json()["tokens"]
+    ids = _prompt_ids(url, text, key)
+    if not add_special_tokens:
+        ids = ids[len(_special_prefix(url, key)):]
+    return ids
+
+
+def _prompt_ids(url: str, text: str, key: str) -> list[int]:
+    out = _post(url, {"text": text, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+                      "logprob_start_len": 0}, key)
+    return [t[1] for t in out["meta_info"]["input_token_logprobs"]]
+
+
+_special_prefixes: dict[str, list[int]] = {}
+
+
+def _special_prefix(url: str, key: str) -> list[int]:
+    """The tokens the server's tokenizer puts before any prompt (a BOS; often none): what two
+    unrelated prompts' ids start with."""
+    if url not in _special_prefixes:
+        a, b = _prompt_ids(url, "a", key), _prompt_ids(url, "b", key)
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        _special_prefixes[url] = a[:n]
+    return _special_prefixes[url]
 
 
 # ------------------------------------------------------------------ contexts of forks
@@ -85,13 +124,14 @@ class _Known:
     ids: list[int] = field(default_factory=list)
 
 
-def _context(url: str, executor) -> dict:
-    """The request field for a fork's current context: ids when known, else text."""
+def _context(url: str, executor, key: str) -> list[int]:
+    """A fork's current context as token ids: the known ids and the rest tokenized, or the whole
+    text tokenized as the server would tokenize the prompt."""
     known: _Known | None = getattr(executor, "_sgl_merge_known", None)
     if known is not None and executor.text_.startswith(known.text):
         rest = executor.text_[len(known.text):]
-        return {"input_ids": known.ids + (_tokenize(url, rest) if rest else [])}
-    return {"text": executor.text_}
+        return known.ids + (_tokenize(url, rest, key) if rest else [])
+    return _tokenize(url, executor.text_, key, add_special_tokens=True)
 
 
 def _append(executor, name: str, text: str, meta: dict, ids: list[int] | None = None) -> None:
@@ -127,16 +167,21 @@ class _Merge:
 
     url: str
     executors: list
-    key: str  # "input_ids" or "text"
-    contexts: list
+    contexts: list  # token ids, one list per fork
     body: dict
+    key: str  # the routing key
 
     def finish(self, name: str, out: list[dict]) -> str:
         """Append the merged answer of response items `out` to every fork; return its text."""
         text = out[0]["text"]
         for ex, item, ctx in zip(self.executors, out, self.contexts):
-            _append(ex, name, text, item["meta_info"], ctx + item["output_ids"] if self.key == "input_ids" else None)
+            _append(ex, name, text, item["meta_info"], ctx + item["output_ids"])
         return text
+
+
+def _routing_key(executors) -> str:
+    """The forks' routing key: the one their think_merge call used, else a new one."""
+    return next((k for ex in executors if (k := getattr(ex, "_sgl_merge_route", None))), uuid.uuid4().hex)
 
 
 def _prepare(forks, mode, weights, return_logprob, sampling) -> _Merge:
@@ -154,19 +199,15 @@ def _prepare(forks, mode, weights, return_logprob, sampling) -> _Merge:
         ex.sync()
         if ex.error_ is not None:
             raise MergeError(f"merge_gen: fork {i} failed before the merge: {ex.error_}")
-    params = _sampling(sampling)
-    group = uuid.uuid4().hex
-    sampling_params = []
-    for i in range(len(states)):
-        entry = {"group": group, "size": len(states), "mode": mode}
-        if weights is not None:
-            entry["weight"] = weights[i]
-        sampling_params.append({**params, "custom_params": {"sgl_merge": entry}})
-    contexts = [_context(url, ex) for ex in executors]
-    key = "input_ids" if all("input_ids" in c for c in contexts) else "text"
-    contexts = [c["input_ids"] if key == "input_ids" else ex.text_ for c, ex in zip(contexts, executors)]
-    body = {key: contexts, "sampling_params": sampling_params, "return_logprob": return_logprob}
-    return _Merge(url, executors, key, contexts, body)
+    entry = {"group": uuid.uuid4().hex, "size": len(states), "mode": mode}
+    if weights is not None:
+        entry["weights"] = list(weights)
+    key = _routing_key(executors)
+    contexts = [_context(url, ex, key) for ex in executors]
+    # One request, one shared sampling_params: the shape SGLang's gateway sends whole to one worker.
+    body = {"input_ids": contexts, "sampling_params": {**_sampling(sampling), "custom_params": {"sgl_merge": entry}},
+            "return_logprob": return_logprob}
+    return _Merge(url, executors, contexts, body, key)
 
 
 def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
@@ -174,7 +215,7 @@ def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | 
     """One merge group over `forks`: the same merged answer is appended to every fork, stored as
     `forks[i][name]` (with its meta_info), and returned. Sampling arguments are those of `sgl.gen`."""
     merge = _prepare(forks, mode, weights, return_logprob, sampling)
-    return merge.finish(name, _post(merge.url, merge.body))
+    return merge.finish(name, _post(merge.url, merge.body, merge.key))
 
 
 def merge_gen_stream(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
@@ -185,7 +226,7 @@ def merge_gen_stream(forks, name: str, *, mode: str = "logits", weights: list[fl
     last: dict[int, dict] = {}
     shown = ""
     with requests.post(f"{merge.url}/generate", json={**merge.body, "stream": True}, stream=True,
-                       timeout=None) as r:
+                       headers={ROUTING_HEADER: merge.key}, timeout=None) as r:
         if r.status_code != 200:
             raise MergeError(f"/generate failed with HTTP {r.status_code}: {r.text[:500]}")
         for line in r.iter_lines(decode_unicode=True):
@@ -235,13 +276,15 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
     if not ex.text_.rstrip().endswith(think_open):
         s += think_open + "\n"
         ex.sync()
-    prompt_ids = _context(url, ex).get("input_ids") or _tokenize(url, ex.text_)
-    close_ids = _tokenize(url, think_close)
-    traces, outcome = _think(url, prompt_ids, n, k, thinking_budget, thinking_temperature, think_close, close_ids)
+    key = uuid.uuid4().hex  # one routing key for the call: its traces and merge share a worker's cache
+    prompt_ids = _context(url, ex, key)
+    close_ids = _tokenize(url, think_close, key)
+    traces, outcome = _think(url, key, prompt_ids, n, k, thinking_budget, thinking_temperature, think_close, close_ids)
     ex.meta_info[f"{name}_traces"] = outcome
     forks = s.fork(k)
     thinking = []
     for fork, trace in zip(forks, traces):
+        fork.stream_executor._sgl_merge_route = key
         ids = trace["output_ids"]
         text = trace["text"]
         if ids[-len(close_ids):] != close_ids and not text.rstrip().endswith(think_close):
@@ -260,12 +303,15 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
     return answer
 
 
-def _think(url, prompt_ids, n, k, budget, temperature, think_close, close_ids) -> tuple[list[dict], list[str]]:
+def _think(url, key, prompt_ids, n, k, budget, temperature, think_close, close_ids) -> tuple[list[dict], list[str]]:
     """Run n thinking traces concurrently, each stopping at `think_close`; return the first k to
-    finish (aborting the rest) and each launched trace's outcome."""
+    finish (ending the rest) and each launched trace's outcome. Traces stream, so one that is no
+    longer needed ends when its stream is closed (SGLang aborts a request whose client left), also
+    where `/abort_request` is not served."""
     traces = [_Trace(rid=f"think-{uuid.uuid4().hex}") for _ in range(n)]
     done: list[_Trace] = []
     cond = threading.Condition()
+    enough = threading.Event()
     params = {"max_new_tokens": budget, "temperature": temperature, "skip_special_tokens": False}
     if len(close_ids) == 1:
         params["stop_token_ids"] = close_ids
@@ -273,9 +319,10 @@ def _think(url, prompt_ids, n, k, budget, temperature, think_close, close_ids) -
         params.update(stop=[think_close], no_stop_trim=True)
 
     def run(trace):
+        body = {"input_ids": prompt_ids, "sampling_params": params, "rid": trace.rid, "stream": True}
         try:
-            trace.result = _post(url, {"input_ids": prompt_ids, "sampling_params": params, "rid": trace.rid})
-        except MergeError as e:
+            trace.result = _stream_until(url, body, key, enough)
+        except (MergeError, requests.RequestException) as e:
             trace.result = {"error": str(e)}
         with cond:
             done.append(trace)
@@ -287,9 +334,10 @@ def _think(url, prompt_ids, n, k, budget, temperature, think_close, close_ids) -
     with cond:
         cond.wait_for(lambda: sum(_finished_thinking(t) for t in done) >= k or len(done) == n)
         chosen = [t for t in done if _finished_thinking(t)][:k]
+    enough.set()
     for t in traces:
-        if t not in chosen:
-            requests.post(f"{url}/abort_request", json={"rid": t.rid}, timeout=30)
+        if t not in chosen and t not in done:
+            requests.post(f"{url}/abort_request", json={"rid": t.rid}, headers={ROUTING_HEADER: key}, timeout=30)
     for t in threads:
         t.join()
     if len(chosen) < k:
@@ -298,6 +346,27 @@ def _think(url, prompt_ids, n, k, budget, temperature, think_close, close_ids) -
     outcome = ["merged" if t in chosen else "finished, unused" if _finished_thinking(t) else "aborted"
                for t in traces]
     return [t.result for t in chosen], outcome
+
+
+def _stream_until(url: str, body: dict, key: str, stop: threading.Event) -> dict:
+    """POST a streaming /generate and return its last chunk (the whole result); once `stop` is set
+    the stream is closed and the result is marked aborted."""
+    with requests.post(f"{url}/generate", json=body, headers={ROUTING_HEADER: key}, stream=True, timeout=None) as r:
+        if r.status_code != 200:
+            raise MergeError(f"/generate failed with HTTP {r.status_code}: {r.text[:500]}")
+        last = None
+        for line in r.iter_lines(decode_unicode=True):
+            if stop.is_set():
+                return {"meta_info": {"finish_reason": {"type": "abort", "message": "no longer needed"}}}
+            if not line or not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data:"):])
+            if "error" in chunk:
+                raise MergeError(f"trace failed: {chunk['error']}")
+            last = chunk
+    if last is None:
+        raise MergeError("a thinking trace's stream ended without output")
+    return last
 
 
 def _finished_thinking(trace: _Trace) -> bool:

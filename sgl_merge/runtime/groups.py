@@ -259,7 +259,8 @@ class GroupRegistry:
                 continue
             group.expiring = True
             message = (f"merge group {group.key!r} timed out: only {len(group.members)} of {group.size} "
-                       f"members arrived within {self.timeout_s:g} s ({TIMEOUT_ENV})")
+                       f"members arrived within {self.timeout_s:g} s ({TIMEOUT_ENV}); behind a gateway, send a "
+                       "group in one request or give all its members one X-SMG-Routing-Key header")
             aborts.append(AbortReq(rid=TIMEOUT_RID + group.key, finished_reason={
                 "type": "abort", "status_code": HTTPStatus.REQUEST_TIMEOUT, "message": message}))
         return aborts
