@@ -113,12 +113,14 @@ class ServerProcess:
     @classmethod
     def prepare(cls, argv: list[str], log_path: str | None = None) -> "ServerProcess":
         env = dict(os.environ)
-        if wants_cpu(argv):
+        cpu = wants_cpu(argv)
+        if cpu:
             argv = with_cpu_defaults(argv)
-            args = parse_args(argv)
+        args = parse_args(argv)  # once: SGLang's parser is slow to build
+        if cpu:
             env.update(cpu_engine_env(env, ranks=args.dp_size * args.tp_size * args.pp_size))
-        host, port = validate_args(argv)
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        port = args.port
         return cls(argv=argv, log_path=log_path, env=env, url=f"http://{host}:{port}")
 
     def start(self, timeout: float = 180.0, require_plugin: bool = True) -> "ServerProcess":
