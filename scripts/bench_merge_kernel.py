@@ -3,7 +3,7 @@ vectorised torch path, on a CUDA device.
 
 Every one of the N rows is grouped (N / K groups of K shuffled rows). The merge is memory-bound,
 so the figure of merit is bandwidth: bytes = every grouped row read once and written once, plus
-one more read for modes that need each member's log-sum-exp (logprobs, probs). L2 is flushed
+one more read for modes that need each member's log-sum-exp (logprobs, probs, entropy). L2 is flushed
 before each timed call so that small batches are not timed out of cache.
 
     python scripts/bench_merge_kernel.py

@@ -9,8 +9,9 @@ import torch
 TIE_TOLERANCE = 1e-4
 
 
-def merge_rows(rows: torch.Tensor, mode: str, weights: list[float] | None = None) -> torch.Tensor:
-    """Merge [K, V] next-token logits into one [V] row, as the contract defines each mode."""
+def merge_rows(rows: torch.Tensor, mode: str, weights: list[float] | None = None, tau: float = 1.0) -> torch.Tensor:
+    """Merge [K, V] next-token logits into one [V] row, as the contract defines each mode (float64;
+    "entropy" weighs member k by w_k * exp(-H_k / tau), H_k the entropy of its own softmax)."""
     w = torch.tensor(weights or [1.0] * rows.shape[0], dtype=torch.float64)
     w = (w / w.sum())[:, None]
     rows = rows.double()
@@ -20,6 +21,11 @@ def merge_rows(rows: torch.Tensor, mode: str, weights: list[float] | None = None
         return (w * torch.log_softmax(rows, -1)).sum(0)
     if mode == "probs":
         return torch.log((w * torch.softmax(rows, -1)).sum(0))
+    if mode == "entropy":
+        p = torch.softmax(rows, -1)
+        entropy = -(p * torch.log_softmax(rows, -1)).nan_to_num().sum(-1, keepdim=True)
+        v = w * torch.exp(-entropy / tau)
+        return (v / v.sum() * rows).sum(0)
     raise ValueError(mode)
 
 
@@ -28,12 +34,12 @@ def next_logits(model, contexts: list[list[int]]) -> torch.Tensor:
     return torch.stack([model(torch.tensor([c])).logits[0, -1].float() for c in contexts])
 
 
-def check_merged_greedy(model, contexts, produced, mode, weights=None):
+def check_merged_greedy(model, contexts, produced, mode, weights=None, tau=1.0):
     """Replay `produced` (the server's merged greedy tokens) against the reference: at each step the
     token must be the argmax of the merged reference row (up to near-ties). Returns the step count."""
     answer: list[int] = []
     for step, token in enumerate(produced):
-        merged = merge_rows(next_logits(model, [c + answer for c in contexts]), mode, weights)
+        merged = merge_rows(next_logits(model, [c + answer for c in contexts]), mode, weights, tau)
         best = int(merged.argmax())
         if token != best:
             gap = float(merged[best] - merged[token])
@@ -44,11 +50,11 @@ def check_merged_greedy(model, contexts, produced, mode, weights=None):
     return len(answer)
 
 
-def merged_greedy(model, contexts, steps, mode, weights=None) -> list[int]:
+def merged_greedy(model, contexts, steps, mode, weights=None, tau=1.0) -> list[int]:
     """The reference's own merged greedy answer of `steps` tokens."""
     answer: list[int] = []
     for _ in range(steps):
-        answer.append(int(merge_rows(next_logits(model, [c + answer for c in contexts]), mode, weights).argmax()))
+        answer.append(int(merge_rows(next_logits(model, [c + answer for c in contexts]), mode, weights, tau).argmax()))
     return answer
 
 

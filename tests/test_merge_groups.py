@@ -21,10 +21,13 @@ PROMPTS = [
 ]
 
 
-def merge_params(group: str, size: int, mode: str = "logits", weight: float | None = None, **sampling):
+def merge_params(group: str, size: int, mode: str = "logits", weight: float | None = None, tau: float | None = None,
+                 **sampling):
     entry = {"group": group, "size": size, "mode": mode}
     if weight is not None:
         entry["weight"] = weight
+    if tau is not None:
+        entry["tau"] = tau
     return {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True, **sampling,
             "custom_params": {"sgl_merge": entry}}
 
@@ -35,16 +38,16 @@ def generate(server, input_ids, sampling_params, **extra):
     return r
 
 
-def run_group(server, contexts, mode="logits", weights=None, **sampling):
+def run_group(server, contexts, mode="logits", weights=None, tau=None, **sampling):
     group = uuid.uuid4().hex
-    params = [merge_params(group, len(contexts), mode, None if weights is None else weights[i], **sampling)
+    params = [merge_params(group, len(contexts), mode, None if weights is None else weights[i], tau, **sampling)
               for i in range(len(contexts))]
     r = generate(server, contexts, params)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-@pytest.mark.parametrize("mode", ["logits", "logprobs", "probs"])
+@pytest.mark.parametrize("mode", ["logits", "logprobs", "probs", "entropy"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_merged_greedy_equals_reference(server, hf_model, tokenizer, k, mode):
     contexts = [tokenizer.encode(p) for p in PROMPTS[:k]]
@@ -119,6 +122,25 @@ def test_probs_mode_gives_other_tokens_than_logits_which_equal_logprobs(server, 
     assert outs["logits"] == outs["logprobs"]
     assert check_merged_greedy(hf_model, contexts, outs["probs"], "probs") == 16
     assert outs["probs"] != outs["logits"]
+
+
+def test_entropy_mode_follows_each_members_certainty_step_by_step(server, hf_model, tokenizer):
+    """Per-step weights w_k exp(-H_k / tau) from each member's own distribution: a case where they
+    give other tokens than the plain mean; the server follows the reference for two taus and
+    reports tau; a tau with another mode, or a non-positive one, is a 400 naming the field."""
+    contexts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    weights = [1.0, 2.0, 1.0]
+    plain = merged_greedy(hf_model, contexts, 16, "logits", weights)
+    for tau in (0.25, 2.0):
+        out = run_group(server, contexts, "entropy", weights, tau=tau, max_new_tokens=16)
+        assert check_merged_greedy(hf_model, contexts, out[0]["output_ids"], "entropy", weights, tau) == 16
+        assert all(o["output_ids"] == out[0]["output_ids"] for o in out)
+        assert {o["meta_info"]["sgl_merge"]["tau"] for o in out} == {tau}
+        if tau == 0.25:
+            assert out[0]["output_ids"] != plain, "the case should be one where the entropy weights matter"
+    group = uuid.uuid4().hex
+    r = generate(server, contexts[:2], [merge_params(group, 2, "entropy", tau=t) for t in (0.5, 1.0)])
+    assert r.status_code == 400 and "sgl_merge.tau" in r.text, r.text
 
 
 def test_single_member_group_equals_plain_request(server, tokenizer):
@@ -236,6 +258,8 @@ def test_a_grammar_that_fails_to_compile_fails_the_group_at_once_naming_the_erro
         ({"group": "g", "size": 2, "mode": "median"}, "sgl_merge.mode"),
         ({"group": "g", "size": 2, "weight": -1}, "sgl_merge.weight"),
         ({"group": "g", "size": 2, "colour": "red"}, "unknown field"),
+        ({"group": "g", "size": 2, "mode": "entropy", "tau": 0}, "sgl_merge.tau must be a positive number"),
+        ({"group": "g", "size": 2, "tau": 2.0}, "sgl_merge.tau is the temperature of mode 'entropy'"),
     ],
 )
 def test_malformed_entries_are_400_naming_the_field(server, entry, field):

@@ -8,17 +8,24 @@ merged row is
 - mode 0, "logits":   m = sum_k w_k * z_k
 - mode 1, "logprobs": m = sum_k w_k * log_softmax(z_k)       (geometric mixture)
 - mode 2, "probs":    m = log(sum_k w_k * softmax(z_k))       (arithmetic mixture)
+- mode 3, "entropy":  m = sum_k v_k * z_k,  v_k = w_k exp(-H_k / tau) / sum_j w_j exp(-H_j / tau)
 
-and it is written, cast back to the logits dtype, into EVERY member row; rows in no group are
-never touched. A token masked to -inf in any member stays -inf in modes 0 and 1; in mode 2 it is
--inf only when it is -inf in every member.
+where H_k = -sum_v p_kv log p_kv (nats) is the entropy of member k's own next-token distribution
+p_k = softmax(z_k) at this step and tau > 0 the group's temperature: token by token, the weights
+move toward the members that are sure of the next token (tau -> inf gives mode 0).
+
+The merged row is written, cast back to the logits dtype, into EVERY member row; rows in no group
+are never touched. A token masked to -inf in any member stays -inf in modes 0, 1 and 3 (a member
+whose weight v_k underflows to 0 masks nothing); in mode 2 it is -inf only when it is -inf in
+every member.
 
 Layout (built on the host once per batch change, e.g. with `pack_groups`):
 
 - `group_rows`    int32   [G, K_MAX]  member row indices, members first, then -1 padding;
                                       every group has at least one member, no row is in two groups.
 - `group_weights` float32 [G, K_MAX]  weights normalised to sum 1 per group (0 for padding).
-- `group_modes`   int32   [G]         0 / 1 / 2, see `MODES`.
+- `group_modes`   int32   [G]         0 / 1 / 2 / 3, see `MODES`.
+- `group_taus`    float32 [G]         tau of mode 3 groups (1.0 in the others, unused there).
 
 K_MAX is the width of the table (`group_rows.shape[1]`), a compile-time constant of the kernels.
 The merge itself runs every decode step, so neither `merge_logits_triton` nor `merge_logits_torch`
@@ -34,11 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
-MODES = {"logits": 0, "logprobs": 1, "probs": 2}
-MODE_LOGITS, MODE_LOGPROBS, MODE_PROBS = MODES["logits"], MODES["logprobs"], MODES["probs"]
+MODES = {"logits": 0, "logprobs": 1, "probs": 2, "entropy": 3}
+MODE_LOGITS, MODE_LOGPROBS, MODE_PROBS, MODE_ENTROPY = MODES.values()
 # The kernels may read module globals only when they are tl.constexpr objects.
 _LOGITS = tl.constexpr(MODE_LOGITS)
 _PROBS = tl.constexpr(MODE_PROBS)
+_ENTROPY = tl.constexpr(MODE_ENTROPY)
 
 # Tile width of both kernels. Each program streams BLOCK_V contiguous values of each member row.
 BLOCK_V = 2048
@@ -52,26 +60,28 @@ NUM_WARPS = 8
 
 
 def pack_groups(
-    groups: Iterable[tuple[Sequence[int], Sequence[float], int | str]],
+    groups: Iterable[tuple],
     device: torch.device | str | None = None,
     k_max: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Build (group_rows, group_weights, group_modes) from `(rows, weights, mode)` triples.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Build (group_rows, group_weights, group_modes, group_taus) from `(rows, weights, mode)`
+    or `(rows, weights, mode, tau)` tuples (tau defaults to 1.0; only mode 3 reads it).
 
     Host-side, once per batch change. Weights must be positive; they are normalised in fp32 here.
     `mode` is a `MODES` key or value. `k_max` widens the table beyond the largest group (a fixed
     width avoids recompiling the kernels when the largest group size changes).
     """
-    groups = list(groups)
-    width = max((len(rows) for rows, _, _ in groups), default=1)
+    groups = [tuple(g) + (1.0,) * (4 - len(g)) for g in groups]
+    width = max((len(rows) for rows, *_ in groups), default=1)
     k_max = width if k_max is None else k_max
     if k_max < width:
         raise ValueError(f"k_max={k_max} is smaller than the largest group ({width} members)")
     group_rows = torch.full((len(groups), k_max), -1, dtype=torch.int32)
     group_weights = torch.zeros((len(groups), k_max), dtype=torch.float32)
     group_modes = torch.empty(len(groups), dtype=torch.int32)
+    group_taus = torch.ones(len(groups), dtype=torch.float32)
     seen: set[int] = set()
-    for g, (rows, weights, mode) in enumerate(groups):
+    for g, (rows, weights, mode, tau) in enumerate(groups):
         mode = MODES[mode] if isinstance(mode, str) else mode
         if not rows or len(rows) != len(weights):
             raise ValueError(f"group {g}: needs at least one row and one weight per row")
@@ -79,6 +89,8 @@ def pack_groups(
             raise ValueError(f"group {g}: unknown mode {mode!r}; expected one of {MODES}")
         if seen.intersection(rows) or len(set(rows)) != len(rows):
             raise ValueError(f"group {g}: a row may belong to one group only, once")
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"group {g}: tau must be a positive number, got {tau!r}")
         seen.update(rows)
         w = torch.tensor(weights, dtype=torch.float32)
         if not bool((w > 0).all()):
@@ -86,31 +98,37 @@ def pack_groups(
         group_rows[g, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
         group_weights[g, : len(rows)] = w / w.sum()
         group_modes[g] = mode
-    return group_rows.to(device), group_weights.to(device), group_modes.to(device)
+        group_taus[g] = tau
+    return tuple(t.to(device) for t in (group_rows, group_weights, group_modes, group_taus))
 
 
-def _check_layout(logits, group_rows, group_weights, group_modes) -> None:
+def _check_layout(logits, group_rows, group_weights, group_modes, group_taus) -> None:
     """Shape, dtype and device checks only: tensor metadata, no host sync."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be a 2-D tensor with contiguous rows")
-    if group_rows.dtype != torch.int32 or group_modes.dtype != torch.int32 or group_weights.dtype != torch.float32:
-        raise TypeError("group_rows and group_modes must be int32, group_weights float32")
-    if group_weights.shape != group_rows.shape or group_modes.shape != group_rows.shape[:1]:
-        raise ValueError("group_weights must be [G, K_MAX] like group_rows, and group_modes [G]")
-    for t in (group_rows, group_weights, group_modes):
+    if group_rows.dtype != torch.int32 or group_modes.dtype != torch.int32 or group_weights.dtype != torch.float32 \
+            or group_taus.dtype != torch.float32:
+        raise TypeError("group_rows and group_modes must be int32, group_weights and group_taus float32")
+    if group_weights.shape != group_rows.shape or group_modes.shape != group_rows.shape[:1] \
+            or group_taus.shape != group_modes.shape:
+        raise ValueError("group_weights must be [G, K_MAX] like group_rows, group_modes and group_taus [G]")
+    for t in (group_rows, group_weights, group_modes, group_taus):
         if t.device != logits.device or not t.is_contiguous():
             raise ValueError("group tables must be contiguous and on the device of logits")
 
 
 def merge_logits_reference(
-    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor
+    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor,
+    group_taus: torch.Tensor,
 ) -> None:
     """The specification, in plain torch: one group at a time, straight from the formulas.
 
     Mode 2 is written as logsumexp_k(log w_k + log_softmax(z_k)), which is log(sum_k w_k *
-    softmax(z_k)) without the underflow of tiny probabilities to 0 (and so to -inf).
+    softmax(z_k)) without the underflow of tiny probabilities to 0 (and so to -inf). Mode 3's
+    entropy is `torch.special.entr` (-p log p, 0 at p = 0) summed over the vocabulary.
     """
-    for rows, weights, mode in zip(group_rows.tolist(), group_weights.tolist(), group_modes.tolist()):
+    tables = (group_rows.tolist(), group_weights.tolist(), group_modes.tolist(), group_taus.tolist())
+    for rows, weights, mode, tau in zip(*tables):
         members = [r for r in rows if r >= 0]
         w = torch.tensor([wk for r, wk in zip(rows, weights) if r >= 0], device=logits.device)[:, None]
         z = logits[members].float()
@@ -120,13 +138,18 @@ def merge_logits_reference(
             merged = (w * z.log_softmax(-1)).sum(0)
         elif mode == MODE_PROBS:
             merged = torch.logsumexp(w.log() + z.log_softmax(-1), dim=0)
+        elif mode == MODE_ENTROPY:
+            entropy = torch.special.entr(z.softmax(-1)).sum(-1, keepdim=True)
+            v = (w.log() - entropy / tau).softmax(0)
+            merged = torch.where(v > 0, v * z, 0.0).sum(0)
         else:
             raise ValueError(f"unknown merge mode {mode}")
         logits[members] = merged.to(logits.dtype)
 
 
 def merge_logits_torch(
-    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor
+    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor,
+    group_taus: torch.Tensor,
 ) -> None:
     """Vectorised torch merge (the CPU runtime's path): gathers every group's members into a
     `[G, K_MAX, V]` fp32 scratch, merges all groups at once and scatters the result back.
@@ -134,20 +157,25 @@ def merge_logits_torch(
     Every mode's formula is evaluated for every group and the group's own is selected: choosing
     per group on the host would need a sync. Padding slots gather and rewrite the group's first
     member: they read a value they then ignore and write the very row that member receives anyway,
-    so the duplicate index in `index_copy_` is harmless. Scratch is ~4 x G x K_MAX x V fp32.
+    so the duplicate index in `index_copy_` is harmless. Scratch is ~5 x G x K_MAX x V fp32.
     """
     n_groups, k_max = group_rows.shape
     if n_groups == 0:
         return
-    _check_layout(logits, group_rows, group_weights, group_modes)
+    _check_layout(logits, group_rows, group_weights, group_modes, group_taus)
     live = (group_rows >= 0)[..., None]  # [G, K, 1]
     rows = torch.where(live[..., 0], group_rows, group_rows[:, :1]).flatten().long()
     z = logits.index_select(0, rows).view(n_groups, k_max, -1).float()
     modes = group_modes.view(n_groups, 1, 1)
-    # z itself in mode 0, log_softmax(z) in modes 1 and 2.
-    y = z - torch.where(modes == MODE_LOGITS, 0.0, torch.logsumexp(z, dim=-1, keepdim=True))
-    w = group_weights.view(n_groups, k_max, 1)
-    linear = torch.where(live, w * y, 0.0).sum(1)
+    log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    # Mode 3: per-member weights from each member's entropy, renormalised over the live members.
+    entropy = torch.special.entr(log_p.exp()).sum(-1, keepdim=True)  # [G, K, 1]
+    v = torch.where(live, group_weights.view(n_groups, k_max, 1).log() - entropy / group_taus.view(-1, 1, 1),
+                    -math.inf).softmax(1)
+    w = torch.where(modes == MODE_ENTROPY, v, group_weights.view(n_groups, k_max, 1))
+    # z itself in modes 0 and 3, log_softmax(z) in modes 1 and 2.
+    y = torch.where((modes == MODE_LOGITS) | (modes == MODE_ENTROPY), z, log_p)
+    linear = torch.where(live & (w > 0), w * y, 0.0).sum(1)
     mixture = torch.logsumexp(torch.where(live, w.log() + y, -math.inf), dim=1)
     merged = torch.where(modes[:, 0] == MODE_PROBS, mixture, linear).to(logits.dtype)
     logits.index_copy_(0, rows, merged.unsqueeze(1).expand(-1, k_max, -1).flatten(0, 1))
@@ -161,14 +189,24 @@ def _shift(running_max):
 
 
 @triton.jit
+def _rescaled(lane_max, lane_sum, lane_mom, shift):
+    """(sum, moment) of exp(x - old_max) and exp(x - old_max) * (x - old_max), moved to `shift`:
+    exp(x - s) = r exp(x - m) and (x - s) = (x - m) + (m - s), r = exp(m - s). 0 where m = -inf."""
+    r = tl.exp(lane_max - shift)
+    d = tl.where(lane_max > -float("inf"), lane_max - shift, 0.0)
+    return lane_sum * r, (lane_mom + d * lane_sum) * r
+
+
+@triton.jit
 def _lse_partials_kernel(
-    logits_ptr, stride_row, rows_ptr, modes_ptr, part_max_ptr, part_sum_ptr, V, num_chunks,
+    logits_ptr, stride_row, rows_ptr, modes_ptr, part_max_ptr, part_sum_ptr, part_mom_ptr, V, num_chunks,
     K_MAX: tl.constexpr, CHUNK_V: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Program (g, k, c): max and sum(exp(x - max)) of chunk c of member k of group g.
+    """Program (g, k, c): over chunk c of member k of group g, the max m, sum(exp(x - m)) and, for
+    mode 3, the moment sum(exp(x - m) * (x - m)), from which the merge kernel gets the entropy.
 
-    Lanes keep a running max and rescaled sum (online softmax), reduced once at the end. Padding
-    slots and mode-0 groups, which need no log-sum-exp, return at once without reading anything.
+    Lanes keep a running max, rescaled sum and moment (online softmax), reduced once at the end.
+    Padding slots and mode-0 groups, which need no log-sum-exp, return at once without reading.
     """
     g = tl.program_id(0)
     k = tl.program_id(1)
@@ -180,42 +218,56 @@ def _lse_partials_kernel(
     base = logits_ptr + row.to(tl.int64) * stride_row
     lane_max = tl.full([BLOCK_V], -float("inf"), tl.float32)
     lane_sum = tl.zeros([BLOCK_V], tl.float32)
+    lane_mom = tl.zeros([BLOCK_V], tl.float32)
     for start in tl.range(c * CHUNK_V, c * CHUNK_V + CHUNK_V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
         new_max = tl.maximum(lane_max, x)
         shift = _shift(new_max)
-        lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
+        e = tl.exp(x - shift)
+        if mode == _ENTROPY:
+            lane_sum, lane_mom = _rescaled(lane_max, lane_sum, lane_mom, shift)
+            lane_mom += tl.where(x > -float("inf"), e * (x - shift), 0.0)
+            lane_sum += e
+        else:
+            lane_sum = lane_sum * tl.exp(lane_max - shift) + e
         lane_max = new_max
     chunk_max = tl.max(lane_max, axis=0)
-    lane_sum *= tl.exp(lane_max - _shift(chunk_max))
+    lane_sum, lane_mom = _rescaled(lane_max, lane_sum, lane_mom, _shift(chunk_max))
     slot = (g * K_MAX + k) * num_chunks + c
     tl.store(part_max_ptr + slot, chunk_max)
     tl.store(part_sum_ptr + slot, tl.sum(lane_sum, axis=0))
+    tl.store(part_mom_ptr + slot, tl.sum(lane_mom, axis=0))
 
 
 @triton.jit
-def _member_lse(part_max_ptr, part_sum_ptr, slot, num_chunks, CHUNKS_P2: tl.constexpr):
-    """Log-sum-exp of a whole member row from its per-chunk (max, sum) partials."""
+def _member_stats(part_max_ptr, part_sum_ptr, part_mom_ptr, slot, num_chunks, CHUNKS_P2: tl.constexpr):
+    """(log-sum-exp, entropy) of a whole member row from its per-chunk partials: with S and M the
+    sum and moment moved to the row max, H = log S - M / S. (The entropy is only meaningful for
+    mode 3 rows, whose partials carry the moment.)"""
     idx = tl.arange(0, CHUNKS_P2)
     mask = idx < num_chunks
     chunk_max = tl.load(part_max_ptr + slot * num_chunks + idx, mask=mask, other=-float("inf"))
     chunk_sum = tl.load(part_sum_ptr + slot * num_chunks + idx, mask=mask, other=0.0)
+    chunk_mom = tl.load(part_mom_ptr + slot * num_chunks + idx, mask=mask, other=0.0)
     row_max = tl.max(chunk_max, axis=0)
-    return row_max + tl.log(tl.sum(chunk_sum * tl.exp(chunk_max - row_max), axis=0))
+    row_sum, row_mom = _rescaled(chunk_max, chunk_sum, chunk_mom, row_max)
+    total, moment = tl.sum(row_sum, axis=0), tl.sum(row_mom, axis=0)
+    return row_max + tl.log(total), tl.log(total) - moment / total
 
 
 @triton.jit
 def _merge_kernel(
-    logits_ptr, stride_row, rows_ptr, weights_ptr, modes_ptr, part_max_ptr, part_sum_ptr, V, num_chunks,
-    K_MAX: tl.constexpr, K_MAX_P2: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, stride_row, rows_ptr, weights_ptr, modes_ptr, taus_ptr, part_max_ptr, part_sum_ptr, part_mom_ptr,
+    V, num_chunks, K_MAX: tl.constexpr, K_MAX_P2: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Program (g, b): merge columns [b * BLOCK_V, (b + 1) * BLOCK_V) of group g's members.
 
     Reads every member's tile once, accumulates in fp32, then writes the merged tile to every
     member. Groups own disjoint rows and programs disjoint tiles, so reading and writing in place
     cannot race. The member loop runs over the group's real size (padding trails), not K_MAX.
-    Mode is a per-group runtime value; the branches on it are uniform within a program.
+    Mode is a per-group runtime value; the branches on it are uniform within a program. Mode 3
+    first turns the members' entropies into this step's weights (scalars, from the partials).
     """
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -225,24 +277,44 @@ def _merge_kernel(
     member_rows = tl.load(rows_ptr + g * K_MAX + slot, mask=slot < K_MAX, other=-1)
     size = tl.sum((member_rows >= 0).to(tl.int32), axis=0)
 
-    linear = tl.zeros([BLOCK_V], tl.float32)  # modes 0, 1: sum_k w_k * y_k
+    # Mode 3: log-weights log w_k - H_k / tau, normalised with an online log-sum-exp over members.
+    tau = tl.load(taus_ptr + g)
+    lw_max = tau * 0.0 - float("inf")  # fp32 scalars, like the values the loop assigns
+    lw_sum = tau * 0.0
+    if mode == _ENTROPY:
+        for k in tl.range(0, size):
+            _, entropy = _member_stats(part_max_ptr, part_sum_ptr, part_mom_ptr, g * K_MAX + k, num_chunks, CHUNKS_P2)
+            lw = tl.log(tl.load(weights_ptr + g * K_MAX + k)) - entropy / tau
+            hi = tl.maximum(lw_max, lw)
+            lw_sum = lw_sum * tl.exp(lw_max - hi) + tl.exp(lw - hi)
+            lw_max = hi
+
+    linear = tl.zeros([BLOCK_V], tl.float32)  # modes 0, 1, 3: sum_k w_k * y_k
     mix_max = tl.full([BLOCK_V], -float("inf"), tl.float32)  # mode 2: online logsumexp_k(log w_k + y_k)
     mix_sum = tl.zeros([BLOCK_V], tl.float32)
     for k in tl.range(0, size):
         row = tl.load(rows_ptr + g * K_MAX + k)
         w = tl.load(weights_ptr + g * K_MAX + k)
         y = tl.load(logits_ptr + row.to(tl.int64) * stride_row + cols, mask=in_v, other=0.0).to(tl.float32)
-        if mode != _LOGITS:
-            y -= _member_lse(part_max_ptr, part_sum_ptr, g * K_MAX + k, num_chunks, CHUNKS_P2)
-        if mode == _PROBS:
-            # One exp per element: rescale whichever of (running max, new term) is smaller.
-            x = tl.log(w) + y
-            hi = tl.maximum(mix_max, x)
-            ratio = tl.exp(tl.minimum(mix_max, x) - _shift(hi))
-            mix_sum = tl.where(x > mix_max, mix_sum * ratio + 1.0, mix_sum + ratio)
-            mix_max = hi
+        if (mode == _LOGITS) | (mode == _ENTROPY):
+            if mode == _ENTROPY:
+                _, entropy = _member_stats(part_max_ptr, part_sum_ptr, part_mom_ptr, g * K_MAX + k, num_chunks,
+                                           CHUNKS_P2)
+                w = tl.exp(tl.log(w) - entropy / tau - lw_max) / lw_sum
+            if w > 0:  # an underflowed weight must not turn a masked token into nan
+                linear += w * y
         else:
-            linear += w * y
+            lse, _ = _member_stats(part_max_ptr, part_sum_ptr, part_mom_ptr, g * K_MAX + k, num_chunks, CHUNKS_P2)
+            y -= lse
+            if mode == _PROBS:
+                # One exp per element: rescale whichever of (running max, new term) is smaller.
+                x = tl.log(w) + y
+                hi = tl.maximum(mix_max, x)
+                ratio = tl.exp(tl.minimum(mix_max, x) - _shift(hi))
+                mix_sum = tl.where(x > mix_max, mix_sum * ratio + 1.0, mix_sum + ratio)
+                mix_max = hi
+            else:
+                linear += w * y
     merged = linear
     if mode == _PROBS:
         merged = mix_max + tl.log(mix_sum)  # -inf + log(0) = -inf for tokens masked in every member
@@ -253,31 +325,35 @@ def _merge_kernel(
 
 
 def merge_logits_triton(
-    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor
+    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor,
+    group_taus: torch.Tensor,
 ) -> None:
     """Triton merge: a log-sum-exp kernel, then the merge kernel.
 
-    Why two launches: modes 1 and 2 need each member's log-sum-exp over the whole row before any
-    merged value can be written, and a merge program only sees one V-tile. Fusing would need a
-    grid-wide barrier or every program re-reading whole rows; a separate reduction costs one more
-    read of the grouped rows (mode 0 groups skip it) and keeps both kernels simple and
-    bandwidth-bound. The partials scratch is 2 x G x K_MAX x ceil(V / LSE_CHUNK_V) fp32 values.
+    Why two launches: modes 1, 2 and 3 need each member's log-sum-exp (or entropy) over the whole
+    row before any merged value can be written, and a merge program only sees one V-tile. Fusing
+    would need a grid-wide barrier or every program re-reading whole rows; a separate reduction
+    costs one more read of the grouped rows (mode 0 groups skip it) and keeps both kernels simple
+    and bandwidth-bound. The partials scratch is 3 x G x K_MAX x ceil(V / LSE_CHUNK_V) fp32 values.
     """
     n_groups, k_max = group_rows.shape
     if n_groups == 0:
         return
-    _check_layout(logits, group_rows, group_weights, group_modes)
+    _check_layout(logits, group_rows, group_weights, group_modes, group_taus)
     V = logits.shape[1]
     num_chunks = triton.cdiv(V, LSE_CHUNK_V)
     part_max = torch.empty((n_groups, k_max, num_chunks), dtype=torch.float32, device=logits.device)
     part_sum = torch.empty_like(part_max)
+    part_mom = torch.empty_like(part_max)
     common = dict(
         logits_ptr=logits, stride_row=logits.stride(0), rows_ptr=group_rows, modes_ptr=group_modes,
-        part_max_ptr=part_max, part_sum_ptr=part_sum, V=V, num_chunks=num_chunks, K_MAX=k_max, BLOCK_V=BLOCK_V,
+        part_max_ptr=part_max, part_sum_ptr=part_sum, part_mom_ptr=part_mom, V=V, num_chunks=num_chunks,
+        K_MAX=k_max, BLOCK_V=BLOCK_V,
     )
     _lse_partials_kernel[(n_groups, k_max, num_chunks)](CHUNK_V=LSE_CHUNK_V, num_warps=NUM_WARPS, **common)
     _merge_kernel[(n_groups, triton.cdiv(V, BLOCK_V))](
         weights_ptr=group_weights,
+        taus_ptr=group_taus,
         K_MAX_P2=triton.next_power_of_2(k_max),
         CHUNKS_P2=triton.next_power_of_2(num_chunks),
         num_warps=NUM_WARPS,
@@ -286,8 +362,9 @@ def merge_logits_triton(
 
 
 def merge_logits_(
-    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor
+    logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor,
+    group_taus: torch.Tensor,
 ) -> None:
     """Merge in place: the Triton kernels on CUDA tensors, the vectorised torch path elsewhere."""
     merge = merge_logits_triton if logits.is_cuda else merge_logits_torch
-    merge(logits, group_rows, group_weights, group_modes)
+    merge(logits, group_rows, group_weights, group_modes, group_taus)

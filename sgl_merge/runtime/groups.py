@@ -61,6 +61,7 @@ class Group:
     key: str
     size: int
     mode: str
+    tau: float
     members: list = field(default_factory=list)  # Req objects, arrival order
     waiting: set = field(default_factory=set)  # rids currently in the waiting queue
     first_arrival: float = field(default_factory=time.monotonic)
@@ -204,7 +205,7 @@ class GroupRegistry:
             return False
         signature = sampling_signature(req.sampling_params)
         if group is None:
-            group = self.groups[spec.group] = Group(spec.group, spec.size, spec.mode, signature=signature,
+            group = self.groups[spec.group] = Group(spec.group, spec.size, spec.mode, spec.tau, signature=signature,
                                                     requested_max_new=req._sgl_merge_requested_max_new,
                                                     lora_id=getattr(req, "lora_id", None))
         mismatch = None
@@ -212,6 +213,8 @@ class GroupRegistry:
             mismatch = f"members disagree on sampling_params.custom_params.sgl_merge.size ({group.size} vs {spec.size})"
         elif spec.mode != group.mode:
             mismatch = f"members disagree on sampling_params.custom_params.sgl_merge.mode ({group.mode!r} vs {spec.mode!r})"
+        elif spec.tau != group.tau:
+            mismatch = f"members disagree on sampling_params.custom_params.sgl_merge.tau ({group.tau} vs {spec.tau})"
         elif req._sgl_merge_requested_max_new != group.requested_max_new:
             mismatch = "members disagree on sampling_params.max_new_tokens"
         elif (name := first_mismatch(group.signature, signature)) is not None:

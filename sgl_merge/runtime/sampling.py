@@ -38,6 +38,7 @@ class MergeMap:
     group_rows: torch.Tensor  # [G, K_max] int32, -1 padded
     group_weights: torch.Tensor  # [G, K_max] float32, rows sum to 1
     group_modes: torch.Tensor  # [G] int32
+    group_taus: torch.Tensor  # [G] float32
     leader: torch.Tensor  # [N] int64: each row's group leader (itself when ungrouped)
     member_rows: torch.Tensor  # [M] int64: the rows that belong to a merge group
     members: list  # [M] the requests of those rows, in the same order
@@ -73,8 +74,9 @@ def build_map(reqs: list, device) -> MergeMap | None:
         return None
     # A power of two: the Triton kernel compiles once per table width, not once per group size.
     k_max = 1 << (max(len(rows) for rows in groups) - 1).bit_length()
-    group_rows, group_weights, group_modes = pack_groups(
-        ((rows, [member_spec(reqs[i]).weight for i in rows], member_spec(reqs[rows[0]]).mode) for rows in groups),
+    group_rows, group_weights, group_modes, group_taus = pack_groups(
+        ((rows, [member_spec(reqs[i]).weight for i in rows], member_spec(reqs[rows[0]]).mode,
+          member_spec(reqs[rows[0]]).tau) for rows in groups),
         device=device, k_max=k_max,
     )
     leader = list(range(len(reqs)))
@@ -87,6 +89,7 @@ def build_map(reqs: list, device) -> MergeMap | None:
         group_rows=group_rows,
         group_weights=group_weights,
         group_modes=group_modes,
+        group_taus=group_taus,
         leader=torch.tensor(leader, dtype=torch.int64).to(device, non_blocking=True),
         member_rows=torch.tensor(member_rows, dtype=torch.int64).to(device, non_blocking=True),
         members=[reqs[i] for i in member_rows],
@@ -150,7 +153,7 @@ def sample(original, sampler, logits_output, sampling_info, *args, **kwargs):
     logits = logits_output.next_token_logits
     # Each member's own choice before merging, for the agreement figure.
     own = logits.index_select(0, m.member_rows).argmax(dim=-1)
-    merge_logits_(logits, m.group_rows, m.group_weights, m.group_modes)
+    merge_logits_(logits, m.group_rows, m.group_weights, m.group_modes, m.group_taus)
     ids = original(sampler, logits_output, sampling_info, *args, **kwargs)
     ids = ids[m.leader]
     agree = own == ids.index_select(0, m.member_rows)
@@ -189,6 +192,8 @@ def record_agreement(processor, batch, result, *args, **kwargs):
         req._sgl_merge_steps, req._sgl_merge_agreed = steps, agreed
         info = {"group": spec.group, "size": spec.size, "mode": spec.mode, "weight": spec.weight,
                 "merged_steps": steps, "agreement": agreed / steps}
+        if spec.mode == "entropy":
+            info["tau"] = spec.tau
         # Token-aligned, so SGLang's output streamer sends it with every streamed chunk as well as
         # at the end; only the newest entry is kept (the earlier ones are cleared).
         if req.customized_info is None:

@@ -1,6 +1,10 @@
 """The public request contract: `sampling_params.custom_params["sgl_merge"]`.
 
-    {"group": "<unique id>", "size": K, "mode": "logits" | "logprobs" | "probs", "weight": 1.0}
+    {"group": "<unique id>", "size": K, "mode": "logits" | "logprobs" | "probs" | "entropy",
+     "weight": 1.0, "tau": 1.0}
+
+`tau` is the temperature of mode "entropy" (per-step weights w_k exp(-H_k / tau), see
+`sgl_merge.kernels.merge_logits`); members of a group must agree on mode and tau.
 
 A group sent as one batch with one shared `sampling_params` (the only batch shape SGLang's
 gateway, smg, forwards) gives its members' weights as a list instead: `"weights": [w0, ...]`,
@@ -16,8 +20,8 @@ import math
 from dataclasses import dataclass
 
 KEY = "sgl_merge"
-MODES = ("logits", "logprobs", "probs")
-FIELDS = ("group", "size", "mode", "weight")
+MODES = ("logits", "logprobs", "probs", "entropy")
+FIELDS = ("group", "size", "mode", "weight", "tau")
 PREFIX = f"sampling_params.custom_params.{KEY}"
 
 # Sampling parameters every member of a group must share: one token is sampled for all of them.
@@ -40,6 +44,7 @@ class MemberSpec:
     size: int
     mode: str = "logits"
     weight: float = 1.0
+    tau: float = 1.0
 
 
 def parse_member_spec(custom_params) -> MemberSpec | None:
@@ -68,10 +73,19 @@ def parse_member_spec(custom_params) -> MemberSpec | None:
     mode = entry.get("mode", "logits")
     if mode not in MODES:
         raise MergeSpecError(f"{PREFIX}.mode must be one of {list(MODES)}, got {mode!r}")
-    weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+    weight, tau = entry.get("weight", 1.0), entry.get("tau", 1.0)
+    if not _positive(weight):
         raise MergeSpecError(f"{PREFIX}.weight must be a positive number, got {weight!r}")
-    return MemberSpec(group=group, size=size, mode=mode, weight=float(weight))
+    if not _positive(tau):
+        raise MergeSpecError(f"{PREFIX}.tau must be a positive number (the temperature of mode 'entropy'), "
+                             f"got {tau!r}")
+    if "tau" in entry and mode != "entropy":
+        raise MergeSpecError(f"{PREFIX}.tau is the temperature of mode 'entropy'; it has no effect with mode {mode!r}")
+    return MemberSpec(group=group, size=size, mode=mode, weight=float(weight), tau=float(tau))
+
+
+def _positive(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def sampling_signature(sampling_params) -> dict:

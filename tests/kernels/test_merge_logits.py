@@ -56,7 +56,8 @@ def random_case(seed: int, sizes: list[int], n_ungrouped: int, vocab: int, dtype
     groups, start = [], 0
     for g, size in enumerate(sizes):
         weights = (0.1 + 2 * torch.rand(size, generator=gen)).tolist()
-        groups.append((order[start : start + size], weights, (g + seed) % len(MODES)))
+        tau = float(0.05 + 3 * torch.rand(1, generator=gen))  # read by mode 3 groups only
+        groups.append((order[start : start + size], weights, (g + seed) % len(MODES), tau))
         start += size
     return logits.to(dtype), pack_groups(groups), order[start:]
 
@@ -93,7 +94,7 @@ TRITON_CASES = {
         ("sizes1-8-V3000", 1, [3, 1, 8, 5, 2, 7, 4, 6], 4, 3000),
         ("sizes9-12-V387", 2, [9, 12, 10, 11], 3, 387),
         ("sizes13-16-V387", 3, [16, 13, 15, 14], 2, 387),
-        ("V151936", 4, [2, 1, 3], 2, 151936),
+        ("V151936", 4, [2, 1, 3, 2], 2, 151936),  # all four modes
     ]
     for dtype in (torch.float32, torch.bfloat16)
 }
@@ -145,7 +146,7 @@ def test_groups_of_one(merge):
 
 
 @pytest.mark.parametrize("merge", MERGES)
-@pytest.mark.parametrize("mode", ["logits", "logprobs", "probs"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_masked_tokens(merge, mode):
     # Token 0 is masked in one member, token 1 in both, token 2 in neither.
     out = merged(merge, [[-INF, -INF, 0.0], [0.0, -INF, 0.0]], [([0, 1], [1.0, 1.0], mode)])
@@ -168,11 +169,38 @@ def test_mixed_modes_in_one_call_and_untouched_rows(merge):
 
 
 def test_pack_groups_normalises_weights_and_pads():
-    rows, weights, modes = pack_groups([([4, 1], [2.0, 6.0], "probs"), ([0], [3.0], 1)], k_max=4)
+    rows, weights, modes, taus = pack_groups([([4, 1], [2.0, 6.0], "probs"), ([0], [3.0], 1, 0.5)], k_max=4)
     assert rows.tolist() == [[4, 1, -1, -1], [0, -1, -1, -1]]
     assert weights.tolist() == [[0.25, 0.75, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
     assert modes.tolist() == [MODES["probs"], MODES["logprobs"]]
-    assert (rows.dtype, weights.dtype, modes.dtype) == (torch.int32, torch.float32, torch.int32)
+    assert taus.tolist() == [1.0, 0.5]
+    assert (rows.dtype, weights.dtype, modes.dtype, taus.dtype) == (torch.int32, torch.float32, torch.int32,
+                                                                   torch.float32)
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_entropy_mode_weights_each_member_by_its_own_certainty(merge):
+    # Member 0 is uniform over 2 tokens (H = log 2), member 1 certain-ish: p = [3/4, 1/4].
+    rows = [[0.0, 0.0], [math.log(3), 0.0]]
+    h = [math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
+    for tau in (0.5, 2.0):
+        out = merged(merge, rows, [([0, 1], [1.0, 3.0], "entropy", tau)])
+        v = torch.tensor([1.0 * math.exp(-h[0] / tau), 3.0 * math.exp(-h[1] / tau)])
+        v /= v.sum()
+        expected = v[0] * torch.tensor(rows[0]) + v[1] * torch.tensor(rows[1])
+        torch.testing.assert_close(out, expected.expand(2, 2))
+    # A huge tau is the plain weighted mean (mode 0).
+    torch.testing.assert_close(merged(merge, rows, [([0, 1], [1.0, 3.0], "entropy", 1e9)]),
+                               merged(merge, rows, [([0, 1], [1.0, 3.0], "logits")]))
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_entropy_mode_with_an_underflowed_weight_masks_nothing(merge):
+    # Member 0 is nearly certain, member 1 uniform over 3 of 4 tokens: with tau tiny, member 1's
+    # weight is exp(-log(3) / 1e-3) = 0, and its -inf token must not make the merged row nan.
+    rows = [[30.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, -INF]]
+    out = merged(merge, rows, [([0, 1], [1.0, 1.0], "entropy", 1e-3)])
+    torch.testing.assert_close(out, torch.tensor([rows[0]] * 2))
 
 
 @pytest.mark.parametrize(
@@ -182,6 +210,7 @@ def test_pack_groups_normalises_weights_and_pads():
         [([0, 1], [1.0, 1.0], "logits"), ([1], [1.0], "probs")],  # row in two groups
         [([], [], "logits")],  # empty group
         [([0], [1.0], "median")],  # unknown mode
+        [([0], [1.0], "entropy", 0.0)],  # non-positive tau
     ],
 )
 def test_pack_groups_refuses_bad_groups(groups):
