@@ -123,6 +123,77 @@ def test_first_of_k_answers_with_the_first_traces_and_aborts_the_rest(server, cl
     assert requests.post(f"{server.url}/flush_cache", timeout=30).status_code == 200  # nothing left running
 
 
+def hf_confidence(hf_model, prompt_ids: list[int], trace_ids: list[int], window: int | None = None) -> float:
+    """DeepConf trace confidence computed independently, from Hugging Face's logits: the mean over
+    the trace's tokens (or the lowest window) of minus the mean of the top-5 logprobs."""
+    import torch
+
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt_ids + trace_ids])).logits[0].double()
+    at = logits[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(trace_ids)]
+    c = -torch.log_softmax(at, -1).topk(5, dim=-1).values.mean(-1)
+    if window is None or window >= len(c):
+        return float(c.mean())
+    return float(c.unfold(0, window, 1).mean(-1).min())
+
+
+@sgl.function
+def frontend_confident_merge(s, prompt, **kwargs):
+    s += prompt
+    think_merge(s, max_tokens=8, temperature=0, name="answer", **kwargs)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_frontend_confidence_equals_an_independent_computation_and_keep_drops_the_least_confident(
+        server, hf_model, tokenizer, window):
+    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    state = frontend_confident_merge.run(prompt=prompt, k=4, thinking_budget=12, thinking_temperature=1.2,
+                                         weighting="confidence", keep=2, confidence_window=window,
+                                         backend=sgl.RuntimeEndpoint(server.url))
+    info = state.get_meta_info("answer_confidence")
+    opened = prompt if prompt.rstrip().endswith("<think>") else prompt + "<think>\n"  # as think_merge opens it
+    prompt_ids = requests.post(f"{server.url}/tokenize", json={"prompt": opened, "add_special_tokens": True},
+                               timeout=30).json()["tokens"]
+    expected = [hf_confidence(hf_model, prompt_ids, ids, window) for ids in info["output_ids"]]
+    assert info["confidences"] == pytest.approx(expected, abs=2e-3)
+    assert len(set(round(c, 3) for c in expected)) > 1, "sampled traces should differ in confidence"
+    outcomes = state.get_meta_info("answer_traces")
+    assert sorted(outcomes) == ["dropped, least confident"] * 2 + ["merged"] * 2
+    kept = [i for i, c in enumerate(info["confidences"]) if c >= sorted(info["confidences"])[2]]
+    assert info["weights"] == pytest.approx([info["confidences"][i] for i in kept])
+    assert len(state["answer_thinking"]) == 2 and len(state.get_meta_info("answer")) == 2
+
+
+def test_http_confidence_weighting_and_keep(server, client):
+    r = chat(client, {"k": 4, "thinking_budget": 12, "thinking_temperature": 1.2, "weighting": "confidence",
+                      "keep": 3})
+    info = ext(r)
+    assert info["weighting"] == "confidence" and info["keep"] == 3 and len(info["confidences"]) == 4
+    assert all(c > 0 for c in info["confidences"]) and len(info["traces"]) == 3
+    (dropped,) = info["dropped"]
+    assert info["trace_outcomes"][dropped] == "dropped, least confident"
+    assert info["trace_outcomes"].count("merged") == 3
+    assert info["confidences"][dropped] == min(info["confidences"])
+    assert info["weights"] == [c for i, c in enumerate(info["confidences"]) if i != dropped]
+    assert len(info["agreement"]) == 3
+
+
+def test_http_confidence_equals_the_frontends_on_the_same_greedy_traces(server, client, tokenizer):
+    """Greedy traces are the same on both paths: the server's decode-time logprobs and the
+    frontend's recomputed ones give the same confidence (float noise aside)."""
+    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    ref = frontend_confident_merge.run(prompt=prompt, k=2, weighting="confidence", **GREEDY,
+                                       backend=sgl.RuntimeEndpoint(server.url))
+    r = chat(client, {"k": 2, "weighting": "confidence", **GREEDY}, max_tokens=8)
+    assert ext(r)["confidences"] == pytest.approx(ref.get_meta_info("answer_confidence")["confidences"], abs=1e-3)
+    assert r.choices[0].message.content == ref["answer"]
+
+
+def test_entropy_mode_through_the_think_merge_field(client):
+    r = chat(client, {"k": 2, "mode": "entropy", "tau": 0.5, "thinking_budget": 12, "thinking_temperature": 1.0})
+    assert ext(r)["mode"] == "entropy" and r.choices[0].message.content
+
+
 def test_tool_calls_are_parsed_by_sglangs_parser(client):
     forced = {"type": "function", "function": {"name": "get_weather"}}
     ask = [{"role": "user", "content": "weather in Paris?"}]
@@ -160,6 +231,12 @@ def test_response_format_json_schema_constrains_the_merged_answer(request, which
     ({"k": 2, "first": 3}, {}, "think_merge.first"),
     ({"k": 2, "mode": "mean"}, {}, "think_merge.mode"),
     ({"k": 2, "thinking_temperature": -1}, {}, "think_merge.thinking_temperature"),
+    ({"k": 2, "weighting": "loudest"}, {}, "think_merge.weighting"),
+    ({"k": 2, "keep": 3}, {}, "think_merge.keep"),
+    ({"k": 3, "first": 2, "keep": 3}, {}, "think_merge.keep"),
+    ({"k": 2, "confidence_window": 8}, {}, "think_merge.confidence_window"),
+    ({"k": 2, "tau": 0.5}, {}, "think_merge.tau"),
+    ({"k": 2, "mode": "entropy", "tau": -1}, {}, "think_merge.tau"),
     ({"mode": "logits"}, {}, "think_merge.k"),
     ("yes", {}, "think_merge"),
     ({"k": 2}, {"n": 2}, "n"),

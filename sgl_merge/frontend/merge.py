@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import requests
 
+from sgl_merge import confidence
+
 DEFAULT_OPEN = "<think>"
 DEFAULT_CLOSE = "</think>"
 _SAMPLING_ARGS = ("max_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
@@ -184,7 +186,7 @@ def _routing_key(executors) -> str:
     return next((k for ex in executors if (k := getattr(ex, "_sgl_merge_route", None))), uuid.uuid4().hex)
 
 
-def _prepare(forks, mode, weights, return_logprob, sampling) -> _Merge:
+def _prepare(forks, mode, weights, tau, return_logprob, sampling) -> _Merge:
     states = list(getattr(forks, "states", forks))
     if not states:
         raise MergeError("merge_gen needs at least one fork (got an empty fork group)")
@@ -202,6 +204,8 @@ def _prepare(forks, mode, weights, return_logprob, sampling) -> _Merge:
     entry = {"group": uuid.uuid4().hex, "size": len(states), "mode": mode}
     if weights is not None:
         entry["weights"] = list(weights)
+    if tau is not None:
+        entry["tau"] = tau
     key = _routing_key(executors)
     contexts = [_context(url, ex, key) for ex in executors]
     # One request, one shared sampling_params: the shape SGLang's gateway sends whole to one worker.
@@ -211,18 +215,19 @@ def _prepare(forks, mode, weights, return_logprob, sampling) -> _Merge:
 
 
 def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
-              return_logprob: bool = False, **sampling) -> str:
+              tau: float | None = None, return_logprob: bool = False, **sampling) -> str:
     """One merge group over `forks`: the same merged answer is appended to every fork, stored as
-    `forks[i][name]` (with its meta_info), and returned. Sampling arguments are those of `sgl.gen`."""
-    merge = _prepare(forks, mode, weights, return_logprob, sampling)
+    `forks[i][name]` (with its meta_info), and returned. Sampling arguments are those of `sgl.gen`;
+    `mode` and `tau` (mode "entropy") are the server's merge modes, `weights` one per fork."""
+    merge = _prepare(forks, mode, weights, tau, return_logprob, sampling)
     return merge.finish(name, _post(merge.url, merge.body, merge.key))
 
 
 def merge_gen_stream(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
-                     return_logprob: bool = False, **sampling) -> Iterator[str]:
+                     tau: float | None = None, return_logprob: bool = False, **sampling) -> Iterator[str]:
     """`merge_gen` for chat UIs: yields the merged answer's text piece by piece as it is decoded;
     when the stream ends, the forks hold the answer exactly as after `merge_gen`."""
-    merge = _prepare(forks, mode, weights, return_logprob, sampling)
+    merge = _prepare(forks, mode, weights, tau, return_logprob, sampling)
     last: dict[int, dict] = {}
     shown = ""
     with requests.post(f"{merge.url}/generate", json={**merge.body, "stream": True}, stream=True,
@@ -256,19 +261,32 @@ class _Trace:
 def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | None = None,
                 name: str = "answer", thinking_budget: int = 2048, thinking_temperature: float = 0.6,
                 think_open: str = DEFAULT_OPEN, think_close: str = DEFAULT_CLOSE, mode: str = "logits",
-                **answer_sampling) -> str:
+                tau: float | None = None, weighting: str = "uniform", keep: int | None = None,
+                confidence_window: int | None = None, **answer_sampling) -> str:
     """The whole ThinkMerge pattern on state `s`: `k` independent thinking traces (each closed
     with `think_close` if it ran out of `thinking_budget`), then one merged answer, appended to `s`
     and returned. `first=k, n=N` launches N traces and answers as soon as the first k finish
     thinking; the others are aborted. The traces are kept in `s[name + "_thinking"]`, each
     member's meta_info in `s.get_meta_info(name)` (a list), and what became of every launched
-    trace ("merged" or "aborted") in `s.get_meta_info(name + "_traces")`."""
+    trace ("merged", "aborted", ...) in `s.get_meta_info(name + "_traces")`.
+
+    Beyond uniform averaging (as the server's `think_merge` field): `weighting="confidence"`
+    weights each trace by its DeepConf confidence, `keep=m` answers with only the m most confident
+    of the k (both from the traces' top logprobs, which the server computes in one prefill request;
+    `confidence_window` picks the lowest-window variant, see `sgl_merge.confidence`), and
+    `mode="entropy"` with `tau` re-weights the members at every answer token. The confidences (of
+    the k traces, in the order they finished), the dropped traces' launch indices, the weights and
+    the k traces' generated token ids are in `s.get_meta_info(name + "_confidence")`."""
     if (k is None) == (first is None):
         raise MergeError("think_merge: pass k (wait for all k traces) or first=k with n=N (first k of N)")
     k = k if first is None else first
     n = k if n is None else n
     if k < 1 or n < k:
         raise MergeError(f"think_merge: need 1 <= k <= n, got k={k}, n={n}")
+    if weighting not in ("uniform", "confidence"):
+        raise MergeError(f'think_merge: weighting must be "uniform" or "confidence", got {weighting!r}')
+    if keep is not None and not 1 <= keep <= k:
+        raise MergeError(f"think_merge: keep must be between 1 and k={k}, got {keep!r}")
     ex = s.stream_executor
     ex.sync()
     url = _backend_url([s])
@@ -279,20 +297,36 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
     key = uuid.uuid4().hex  # one routing key for the call: its traces and merge share a worker's cache
     prompt_ids = _context(url, ex, key)
     close_ids = _tokenize(url, think_close, key)
-    traces, outcome = _think(url, key, prompt_ids, n, k, thinking_budget, thinking_temperature, think_close, close_ids)
+    traces, outcome, launched = _think(url, key, prompt_ids, n, k, thinking_budget, thinking_temperature,
+                                       think_close, close_ids)
+    generated = [list(t["output_ids"]) for t in traces]  # what confidence scores: not a closing </think>
+    for trace in traces:
+        ids = trace["output_ids"]
+        if ids[-len(close_ids):] != close_ids and not trace["text"].rstrip().endswith(think_close):
+            trace["output_ids"], trace["text"] = ids + close_ids, trace["text"] + think_close  # out of budget
+    weights = None
+    if weighting == "confidence" or keep is not None:
+        scores = _confidences(url, key, prompt_ids, generated, confidence_window)
+        kept = confidence.most_confident(scores, keep) if keep else list(range(len(traces)))
+        dropped = [launched[j] for j in range(len(traces)) if j not in kept]
+        for i in dropped:
+            outcome[i] = "dropped, least confident"
+        traces = [traces[j] for j in kept]
+        if weighting == "confidence":
+            weights = confidence.merge_weights([scores[j] for j in kept])
+        ex.meta_info[f"{name}_confidence"] = {"confidences": scores, "dropped": dropped,
+                                              "weights": weights or [1.0] * len(traces),
+                                              "output_ids": generated}
     ex.meta_info[f"{name}_traces"] = outcome
-    forks = s.fork(k)
+    forks = s.fork(len(traces))
     thinking = []
     for fork, trace in zip(forks, traces):
         fork.stream_executor._sgl_merge_route = key
-        ids = trace["output_ids"]
-        text = trace["text"]
-        if ids[-len(close_ids):] != close_ids and not text.rstrip().endswith(think_close):
-            ids, text = ids + close_ids, text + think_close  # ran out of its budget: close it
         fork.stream_executor.sync()
-        _append(fork.stream_executor, f"{name}_thinking", text, trace["meta_info"], prompt_ids + ids)
-        thinking.append(text)
-    answer = merge_gen(forks, name, mode=mode, **answer_sampling)
+        _append(fork.stream_executor, f"{name}_thinking", trace["text"], trace["meta_info"],
+                prompt_ids + trace["output_ids"])
+        thinking.append(trace["text"])
+    answer = merge_gen(forks, name, mode=mode, weights=weights, tau=tau, **answer_sampling)
     ex.variables[f"{name}_thinking"] = thinking
     ex.meta_info[name] = [f.stream_executor.meta_info[name] for f in forks]  # one per member
     for f in forks:  # the forks' worker threads are done; end them now, as join() would
@@ -303,9 +337,15 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
     return answer
 
 
-def _think(url, key, prompt_ids, n, k, budget, temperature, think_close, close_ids) -> tuple[list[dict], list[str]]:
+def _confidences(url: str, key: str, prompt_ids: list[int], ids: list[list[int]], window: int | None) -> list[float]:
+    """Each trace's confidence, from the top logprobs of one scoring request (`sgl_merge.confidence`)."""
+    return confidence.scored_confidences(_post(url, confidence.scoring_request(prompt_ids, ids), key), ids, window)
+
+
+def _think(url, key, prompt_ids, n, k, budget, temperature, think_close, close_ids) \
+        -> tuple[list[dict], list[str], list[int]]:
     """Run n thinking traces concurrently, each stopping at `think_close`; return the first k to
-    finish (ending the rest) and each launched trace's outcome. Traces stream, so one that is no
+    finish (ending the rest), each launched trace's outcome, and the launch index of each returned. Traces stream, so one that is no
     longer needed ends when its stream is closed (SGLang aborts a request whose client left), also
     where `/abort_request` is not served."""
     traces = [_Trace(rid=f"think-{uuid.uuid4().hex}") for _ in range(n)]
@@ -345,7 +385,7 @@ def _think(url, key, prompt_ids, n, k, budget, temperature, think_close, close_i
         raise MergeError(f"think_merge: only {len(chosen)} of {k} thinking traces finished: {errors[:1]}")
     outcome = ["merged" if t in chosen else "finished, unused" if _finished_thinking(t) else "aborted"
                for t in traces]
-    return [t.result for t in chosen], outcome
+    return [t.result for t in chosen], outcome, [traces.index(t) for t in chosen]
 
 
 def _stream_until(url: str, body: dict, key: str, stop: threading.Event) -> dict:

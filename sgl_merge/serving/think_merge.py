@@ -1,7 +1,8 @@
 """The `think_merge` request field, and the ThinkMerge flow the server runs for one such call.
 
     {"think_merge": {"k": 4, "mode": "logits", "first": null, "thinking_budget": 4096,
-                     "thinking_temperature": 0.6}}
+                     "thinking_temperature": 0.6, "weighting": "uniform", "keep": null,
+                     "confidence_window": null, "tau": null}}
 
 The flow stands in for the one generation an OpenAI route would run: k thinking traces from the
 route's prompt (opened with `<think>` unless the prompt already opens it, closed with `</think>` if
@@ -9,6 +10,11 @@ a trace runs out of budget), then the route's own generation as one merge group 
 the traces' exact token ids, so the radix cache serves each member's whole context. Its outputs are
 the leader's, shaped like the route's single generation, with usage counting every generated token;
 SGLang builds the response from them as usual (tool-call parsing, finish reasons, SSE framing).
+
+Beyond uniform averaging: `weighting: "confidence"` weights each member by its trace's confidence
+and `keep: n` answers with only the n most confident of the merged traces (both computed here from
+the traces' own top logprobs, see `sgl_merge.confidence`; `confidence_window` picks the lowest-window
+variant); `mode: "entropy"` (with `tau`) re-weights the members at every answer token on the device.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from sgl_merge import confidence
 from sgl_merge.runtime.spec import KEY, MODES
 
 FIELD = "think_merge"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-DEFAULTS = {"k": None, "mode": "logits", "first": None, "thinking_budget": 4096, "thinking_temperature": 0.6}
+DEFAULTS = {"k": None, "mode": "logits", "first": None, "thinking_budget": 4096, "thinking_temperature": 0.6,
+            "weighting": "uniform", "keep": None, "confidence_window": None, "tau": None}
+WEIGHTINGS = ("uniform", "confidence")
 
 
 class ThinkMergeError(ValueError):
@@ -42,11 +51,20 @@ class ThinkMergeConfig:
     first: int | None = None
     thinking_budget: int = 4096
     thinking_temperature: float = 0.6
+    weighting: str = "uniform"
+    keep: int | None = None
+    confidence_window: int | None = None
+    tau: float | None = None
 
     @property
     def merged(self) -> int:
-        """How many traces answer as one: the first `first` of the k to finish thinking, else all k."""
+        """How many traces finish thinking for the answer: the first `first` of the k, else all k
+        (of which `keep`, when given, answer)."""
         return self.first or self.k
+
+    @property
+    def needs_confidence(self) -> bool:
+        return self.weighting == "confidence" or self.keep is not None
 
 
 def _integer(entry: dict, name: str, low: int, high: int | None = None) -> int:
@@ -81,9 +99,26 @@ def parse_config(entry, max_group: int | None) -> ThinkMergeConfig:
             or temperature < 0:
         raise ThinkMergeError(f"{FIELD}.thinking_temperature",
                               f"{FIELD}.thinking_temperature must be a number >= 0, got {temperature!r}")
+    if entry["weighting"] not in WEIGHTINGS:
+        raise ThinkMergeError(f"{FIELD}.weighting", f"{FIELD}.weighting must be one of {list(WEIGHTINGS)}, "
+                              f"got {entry['weighting']!r}")
+    keep = None if entry["keep"] is None else _integer(entry, "keep", 1, first or k)
+    window = None if entry["confidence_window"] is None else _integer(entry, "confidence_window", 1)
+    if window is not None and entry["weighting"] != "confidence" and keep is None:
+        raise ThinkMergeError(f"{FIELD}.confidence_window", f"{FIELD}.confidence_window only applies with "
+                              'weighting "confidence" or keep')
+    tau = entry["tau"]
+    if tau is not None:
+        if entry["mode"] != "entropy":
+            raise ThinkMergeError(f"{FIELD}.tau", f'{FIELD}.tau is the temperature of mode "entropy"; '
+                                  f"it has no effect with mode {entry['mode']!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+            raise ThinkMergeError(f"{FIELD}.tau", f"{FIELD}.tau must be a positive number, got {tau!r}")
+        tau = float(tau)
     return ThinkMergeConfig(k=k, mode=entry["mode"], first=first,
                             thinking_budget=_integer(entry, "thinking_budget", 1),
-                            thinking_temperature=float(temperature))
+                            thinking_temperature=float(temperature), weighting=entry["weighting"], keep=keep,
+                            confidence_window=window, tau=tau)
 
 
 def think_token_ids(tokenizer) -> tuple[int, int] | None:
@@ -111,6 +146,9 @@ class ThinkMergeCall:
     outcomes: list[str] = field(default_factory=list)  # of every launched trace
     thinking_tokens: list[int] = field(default_factory=list)  # generated by every launched trace
     traces: list[str] = field(default_factory=list)  # the merged traces' text, in launch order
+    confidences: list[float] = field(default_factory=list)  # of the traces that finished thinking, in order
+    dropped: list[int] = field(default_factory=list)  # which of those `keep` left out
+    weights: list[float] = field(default_factory=list)  # the members' merge weights
     agreement: list[float | None] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -118,9 +156,14 @@ class ThinkMergeCall:
 
     def summary(self) -> dict:
         """The `sgl_merge` extension field of the response."""
-        return {"k": self.config.k, "first": self.config.first, "mode": self.config.mode,
-                "trace_outcomes": self.outcomes, "thinking_tokens": self.thinking_tokens,
-                "answer_tokens": self.answer_tokens, "agreement": self.agreement, "traces": self.traces}
+        out = {"k": self.config.k, "first": self.config.first, "mode": self.config.mode,
+               "weighting": self.config.weighting, "keep": self.config.keep,
+               "trace_outcomes": self.outcomes, "thinking_tokens": self.thinking_tokens,
+               "answer_tokens": self.answer_tokens, "agreement": self.agreement, "traces": self.traces,
+               "weights": self.weights}
+        if self.config.needs_confidence:
+            out.update(confidences=self.confidences, dropped=self.dropped)
+        return out
 
     def reasoning_text(self) -> str:
         """All merged traces as one `reasoning_content`, each under its own header."""
@@ -214,11 +257,39 @@ async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids
     if len(finished) < cfg.merged:
         raise ValueError(f"think_merge: only {len(finished)} of the {cfg.merged} thinking traces needed finished"
                          + (f": {errors[0]}" if errors else ""))
-    traces = [finished[i] for i in sorted(finished)]
+    traces = await _select(original, manager, obj, raw_request, call, finished, rids)
     call.traces = [t["text"].removesuffix(THINK_CLOSE).strip() for t in traces]
     call.prompt_tokens = traces[0]["meta_info"]["prompt_tokens"]
     call.cached_tokens = traces[0]["meta_info"].get("cached_tokens", 0)
     call.events.put_nowait({"phase": "answering", "thinking_tokens": call.thinking_tokens})
+    return traces
+
+
+async def _select(original, manager, obj, raw_request, call: ThinkMergeCall, finished: dict[int, dict],
+                  rids: list[str]) -> list[dict]:
+    """The traces that answer, in launch order, and their merge weights: all that finished
+    thinking, or with `keep` the most confident of them (the others marked dropped). Confidence
+    comes from one scoring request over the traces (`sgl_merge.confidence`)."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    cfg = call.config
+    order = sorted(finished)
+    traces = [finished[i] for i in order]
+    scores = [1.0] * len(traces)
+    if cfg.needs_confidence:
+        ids = [list(t["output_ids"]) for t in traces]
+        body = confidence.scoring_request(list(traces[0]["prompt_token_ids"]), ids)
+        score_rids = [f"{call.rid}-score-{j}" for j in range(len(ids))]
+        rids += score_rids
+        outputs = await _last(original(manager, GenerateReqInput(**body, rid=score_rids, lora_path=obj.lora_path),
+                                       raw_request))
+        call.confidences = scores = confidence.scored_confidences(outputs, ids, cfg.confidence_window)
+        kept = confidence.most_confident(scores, cfg.keep) if cfg.keep else list(range(len(traces)))
+        call.dropped = [order[j] for j in range(len(traces)) if j not in kept]
+        for i in call.dropped:
+            call.outcomes[i] = "dropped, least confident"
+        traces, scores = [traces[j] for j in kept], [scores[j] for j in kept]
+    call.weights = confidence.merge_weights(scores) if cfg.weighting == "confidence" else [1.0] * len(traces)
     return traces
 
 
@@ -243,8 +314,10 @@ def _members(obj, call: ThinkMergeCall, traces: list[dict]) -> list:
         # otherwise hold a response_format / tool grammar back until another </think>.
         member.require_reasoning = False
         params = dict(obj.sampling_params or {})
-        params["custom_params"] = {**(params.get("custom_params") or {}),
-                                   KEY: {"group": call.rid, "size": len(traces), "mode": call.config.mode}}
+        entry = {"group": call.rid, "size": len(traces), "mode": call.config.mode, "weight": call.weights[j]}
+        if call.config.tau is not None:
+            entry["tau"] = call.config.tau
+        params["custom_params"] = {**(params.get("custom_params") or {}), KEY: entry}
         member.sampling_params = params
         if j:
             member.stream, member.return_logprob, member.top_logprobs_num = False, False, 0
