@@ -2,7 +2,9 @@
 
 The model is a small Qwen2 causal LM with its own byte-level BPE tokenizer (the same recipe and
 special tokens as `sgl_merge.testing.build_tiny_model`), trained from scratch on the chained
-modular arithmetic task of `sgl_merge.tiny_reasoner.task`, loss on the assistant turn only.
+modular arithmetic tasks of `sgl_merge.tiny_reasoner`: one chain answered as a digit (`task`) and
+four short chains answered together as one line (`parts`), mixed in each batch
+(`--parts-fraction`), loss on the assistant turn only.
 
 Calibration. The demo needs a model whose single sampled trace (temperature 0.7) is right only
 part of the time, with errors that are independent from trace to trace, so that voting over
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from sgl_merge.testing import CHAT_TEMPLATE, SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
-from sgl_merge.tiny_reasoner import task
+from sgl_merge.tiny_reasoner import parts, task
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int):
@@ -84,6 +86,7 @@ def build_hf_tokenizer(vocab_size: int, seed: int):
     from transformers import PreTrainedTokenizerFast
 
     corpus = [task.training_text(p) for p in task.make_dataset(2000, seed + 7919)]
+    corpus += [task.training_text(p) for p in task.make_dataset(1000, seed + 7919, parts.make_problem)]
     tok = PreTrainedTokenizerFast(
         tokenizer_object=build_tokenizer(corpus, vocab_size),
         eos_token="<|im_end|>",
@@ -108,7 +111,8 @@ def reload_tokenizer(tok, model, out: Path):
     tok.save_pretrained(out)
     model.config.save_pretrained(out)
     loaded = AutoTokenizer.from_pretrained(out)
-    probe = [task.training_text(p) for p in task.make_dataset(20, 12345)]
+    probe = [task.training_text(p) for make in (task.make_problem, parts.make_problem)
+             for p in task.make_dataset(20, 12345, make)]
     for text in probe:
         a = tok(text, add_special_tokens=False)["input_ids"]
         b = loaded(text, add_special_tokens=False)["input_ids"]
@@ -141,13 +145,15 @@ def build_model(tok, args):
 
 
 class Batches:
-    """Deterministic stream of training batches, skipping every held-out question."""
+    """Deterministic stream of training batches, skipping every held-out question; each problem
+    is of the parts task with probability `parts_fraction`, else of the chain task."""
 
-    def __init__(self, tok, seed: int, batch_size: int, exclude: set[str]):
+    def __init__(self, tok, seed: int, batch_size: int, exclude: set[str], parts_fraction: float):
         self.tok = tok
         self.rng = random.Random(seed)
         self.batch_size = batch_size
         self.exclude = exclude
+        self.parts_fraction = parts_fraction
         self.think_id = tok.convert_tokens_to_ids(THINK_OPEN)
         self.eq_id = tok.convert_tokens_to_ids("=")
         assert self.eq_id != tok.unk_token_id and self.eq_id is not None
@@ -157,7 +163,8 @@ class Batches:
     def next(self):
         problems = []
         while len(problems) < self.batch_size:
-            p = task.make_problem(self.rng)
+            make = parts.make_problem if self.rng.random() < self.parts_fraction else task.make_problem
+            p = make(self.rng)
             if p["question"] not in self.exclude:
                 problems.append(p)
         enc = [self.tok(task.training_text(p), add_special_tokens=False)["input_ids"]
@@ -235,8 +242,9 @@ def save(model, tok, out: Path, meta: dict) -> None:
 
 @torch.no_grad()
 def evaluate(model_dir: Path, problems: list[dict], samples: int, temperature: float,
-             batch: int = 200, log=print) -> dict:
-    """Single-trace accuracy, majority vote over `samples` traces, and greedy accuracy."""
+             is_correct=task.is_correct, max_new_tokens: int = 160, batch: int = 200, log=print) -> dict:
+    """Single-trace accuracy, majority vote over `samples` traces (whole answers), and greedy
+    accuracy, scored by `is_correct` (the task's)."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -252,7 +260,7 @@ def evaluate(model_dir: Path, problems: list[dict], samples: int, temperature: f
             kw = {"do_sample": False}
             if do_sample:
                 kw = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
-            out = model.generate(**enc, max_new_tokens=96, pad_token_id=tok.pad_token_id,
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **kw)
             new = out[:, enc["input_ids"].shape[1]:]
             for row in new.tolist():
@@ -266,19 +274,19 @@ def evaluate(model_dir: Path, problems: list[dict], samples: int, temperature: f
     t0 = time.time()
     torch.manual_seed(0)  # the sampled traces, so a report can be reproduced
     greedy, _ = gen(prompts, False)
-    greedy_acc = sum(task.is_correct(t, p["answer"]) for t, p in zip(greedy, problems)) / len(problems)
+    greedy_acc = sum(is_correct(t, p["answer"]) for t, p in zip(greedy, problems)) / len(problems)
     sampled, ntoks = gen([q for q in prompts for _ in range(samples)], True)
     single = vote = 0
     for i, p in enumerate(problems):
         texts = sampled[i * samples: (i + 1) * samples]
-        single += sum(task.is_correct(t, p["answer"]) for t in texts)
+        single += sum(is_correct(t, p["answer"]) for t in texts)
         answers = [task.extract_answer(t) for t in texts]
         counts = collections.Counter(a for a in answers if a is not None)
         if counts:
             # Plurality; ties broken by first occurrence (order of the traces).
             best = max(counts.values())
             top = next(a for a in answers if a is not None and counts[a] == best)
-            vote += task.is_correct(f"\\boxed{{{top}}}", p["answer"])
+            vote += is_correct(f"\\boxed{{{top}}}", p["answer"])
     res = {
         "problems": len(problems),
         "samples": samples,
@@ -299,8 +307,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=task.MODEL_DIR)
     ap.add_argument("--heldout-out", type=Path, default=None,
-                    help="where to write the held-out set (default: next to the task, only when "
-                         "--out is the shipped model directory)")
+                    help="where to write the chain task's held-out set, the parts task's beside it "
+                         "(default: next to the tasks, only when --out is the shipped model directory)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--minutes", type=float, default=28.0, help="stop early after this long")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -308,6 +316,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--uncertainty", type=float, default=0.25,
                     help="probability mass the result-digit targets spread over wrong digits")
+    ap.add_argument("--parts-fraction", type=float, default=0.5,
+                    help="share of training problems from the parts task (the rest: the chain task)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ffn-mult", type=int, default=2)
@@ -324,8 +334,15 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     heldout = task.make_heldout()
+    heldout_parts = parts.make_heldout()
+
+    def evaluate_both() -> dict:
+        return {"chain": evaluate(args.out, heldout[: args.eval_problems], args.eval_samples, 0.7),
+                "parts": evaluate(args.out, heldout_parts[: args.eval_problems], args.eval_samples, 0.7,
+                                  is_correct=parts.is_correct)}
+
     if args.eval_only:
-        evaluate(args.out, heldout[: args.eval_problems], args.eval_samples, 0.7)
+        evaluate_both()
         return 0
 
     random.seed(args.seed)
@@ -338,7 +355,8 @@ def main(argv=None) -> int:
     sample = task.make_problem(random.Random(1))
     print("tokens:", tok.convert_ids_to_tokens(tok(task.training_text(sample))["input_ids"]), flush=True)
 
-    batches = Batches(tok, args.seed, args.batch_size, {p["question"] for p in heldout})
+    batches = Batches(tok, args.seed, args.batch_size, {p["question"] for p in heldout + heldout_parts},
+                      args.parts_fraction)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
 
     def lr_at(step):
@@ -376,21 +394,23 @@ def main(argv=None) -> int:
     meta = {
         "seed": args.seed, "steps": step + 1, "batch_size": args.batch_size, "lr": args.lr,
         "uncertainty": args.uncertainty, "train_minutes": round(train_minutes, 1),
-        "final_loss": round(running, 4), "task": "sgl_merge.tiny_reasoner.task",
+        "final_loss": round(running, 4), "parts_fraction": args.parts_fraction,
+        "tasks": ["sgl_merge.tiny_reasoner.task", "sgl_merge.tiny_reasoner.parts"],
     }
     save(model, tok, args.out, meta)
     heldout_out = args.heldout_out
     if heldout_out is None and args.out.resolve() == task.MODEL_DIR.resolve():
         heldout_out = task.HELDOUT
     if heldout_out is not None:
-        with open(heldout_out, "w") as f:
-            f.writelines(json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n" for p in heldout)
-        print(f"wrote {len(heldout)} held-out problems to {heldout_out}")
+        for rows, path in ((heldout, heldout_out), (heldout_parts, heldout_out.with_name(parts.HELDOUT.name))):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:
+                f.writelines(json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n" for p in rows)
+            print(f"wrote {len(rows)} held-out problems to {path}")
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
     print(f"wrote {args.out} ({size / 1e6:.2f} MB)", flush=True)
     if not args.no_eval:
-        res = evaluate(args.out, heldout[: args.eval_problems], args.eval_samples, 0.7)
-        meta["eval"] = res
+        meta["eval"] = evaluate_both()
         (args.out / "sgl_merge_tiny_reasoner.json").write_text(json.dumps(meta, indent=2) + "\n")
     return 0
 

@@ -4,6 +4,7 @@ an interrupted run against the real server, and the demo on the bundled reasoner
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +43,15 @@ def test_last_boxed_and_vote_keys():
     one = "```python\ndef f(x):\n    return x  \n\n```"
     other = "Here:\n```python\ndef f(x):\n\n    return x\n```"
     assert vote_key("code", one) == vote_key("code", other) == "def f(x):\n    return x"
+
+
+def test_exact_answers_are_compared_whole():
+    problem = {"answer": "3,8,0,9"}
+    assert correct("exact", "</think>\n\\boxed{3,8,0,9}", problem)
+    assert correct("exact", "\\boxed{3, 8, 0, 9}", problem)  # spaces do not count
+    assert not correct("exact", "\\boxed{3,8,0,1}", problem)  # one part wrong: all wrong
+    assert not correct("exact", "\\boxed{8,3,0,9}", problem) and not correct("exact", "3,8,0,9", problem)
+    assert vote_key("exact", "\\boxed{3, 8,0,9}") == vote_key("exact", "\\boxed{3,8,0,9}") == "3,8,0,9"
 
 
 def test_code_answers_run_in_the_sandbox():
@@ -89,6 +99,25 @@ def test_report_intervals_paired_differences_and_tokens(tmp_path):
     assert "merge@2" in report.format_table(summary)
 
 
+def test_report_rows_and_pairs_of_the_weighted_and_adaptive_merges(tmp_path):
+    records = [dict(_record(i, [False, True], False, i % 2 == 0),
+                    **{"merge-conf": {"2": {"correct": i % 4 != 3, "tokens": 3, "members": [0, 1]}},
+                       "merge-keep": {"2": {"correct": True, "tokens": 3, "members": [1]}}}) for i in range(40)]
+    summary = report.summarize(records, [2])
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert rows["merge-conf@2"]["accuracy"] == 0.75 and rows["merge-keep@2"]["accuracy"] == 1.0
+    assert rows["merge-conf@2"]["method"] == "merge-conf"
+    # one kept member decodes the answer once: 10 + 12 thinking tokens and 3 answer tokens
+    assert rows["merge-keep@2"]["tokens_per_problem"] == 25.0 and rows["merge-conf@2"]["tokens_per_problem"] == 28.0
+    paired = {p["comparison"]: p for p in summary["paired"]}
+    assert paired["merge-conf@2 - merge@2"]["difference"] == 0.25
+    assert paired["merge-keep@2 - merge@2"]["difference"] == 0.5 and paired["merge-keep@2 - merge@2"]["excludes_zero"]
+    table = report.format_table(summary)
+    assert "merge-keep@2 - merge@2" in table and "merge-conf@2" in table
+    report.plot(summary, tmp_path / "b.png", "test")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def _eval(url, dataset, out, *extra):
     return [sys.executable, "-m", "sgl_merge.cli", "eval", "--url", url, "--dataset", str(dataset), "--out", str(out),
             "--k", "2", "--thinking-budget", "8", "--answer-tokens", "4", "--prompt", "{question}", *extra]
@@ -127,6 +156,28 @@ def test_an_interrupted_eval_resumes_without_recomputing(server, tmp_path):
     assert other.returncode == 1 and "other settings" in other.stderr and "ks" in other.stderr
 
 
+def test_eval_weightings_score_traces_by_confidence_and_keep_the_most_confident(server, tmp_path):
+    dataset = tmp_path / "exact.jsonl"
+    dataset.write_text("".join(json.dumps({"question": f"List {i} and {i + 1}.", "answer": f"{i},{i + 1}"}) + "\n"
+                               for i in range(6)))
+    out = tmp_path / "out"
+    r = subprocess.run(_eval(server.url, dataset, out, "--task", "exact", "--k", "2,4", "--thinking-temperature", "1.2",
+                             "--weighting", "uniform,confidence,adaptive"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("merge-conf@4", "merge-keep@4", "merge-conf@4 - merge@4", "merge-keep@2 - merge@2"):
+        assert name in r.stdout
+    for rec in (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()):
+        conf = rec["confidence"]
+        assert len(conf) == 4 and all(c > 0 for c in conf)
+        assert rec["merge-conf"]["4"]["members"] == [0, 1, 2, 3]
+        kept = rec["merge-keep"]["4"]["members"]
+        assert len(kept) == 2 and min(conf[i] for i in kept) >= max(conf[i] for i in range(4) if i not in kept)
+        assert len(rec["merge-keep"]["2"]["members"]) == 1
+    bad = subprocess.run(_eval(server.url, dataset, tmp_path / "o2", "--weighting", "loudest"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--weighting takes a list of" in bad.stderr
+
+
 def test_eval_reports_bad_datasets_by_line(server, tmp_path):
     dataset = tmp_path / "bad.jsonl"
     dataset.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n" + json.dumps({"question": "x"}) + "\n")
@@ -143,18 +194,26 @@ def reasoner_server(tmp_path_factory):
         yield srv
 
 
-def test_demo_runs_the_methods_on_the_bundled_reasoner(reasoner_server, tmp_path):
+def test_demo_runs_the_methods_on_both_tasks_of_the_bundled_reasoner(reasoner_server, tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "sgl_merge.cli", "demo", "--url", reasoner_server.url,
                         "--problems", "24", "--k", "2,4", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    for name in ("single", "vote@2", "vote@4", "merge@2", "merge@4", "merge@4 - single"):
+    assert "== task chain" in r.stdout and "== task parts" in r.stdout
+    for name in ("single", "vote@2", "vote@4", "merge@2", "merge@4", "merge-conf@4", "merge-keep@4",
+                 "merge@4 - single", "merge@4 - vote@4", "merge-conf@4 - merge@4"):
         assert name in r.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    rows = {row["name"]: row for row in summary["rows"]}
-    assert summary["problems"] == 24
-    assert 0.3 <= rows["single"]["accuracy"] <= 0.95  # the bundled model is right only part of the time
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert all(len(rec["thinking_tokens"]) == 4 and 20 <= np.mean(rec["thinking_tokens"]) <= 128 for rec in records)
-    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # Traces: ~50 tokens for one chain, ~110 for four; each model answer is in its task's format.
+    for task, (low, high) in (("chain", (20, 128)), ("parts", (60, 192))):
+        summary = json.loads((out / task / "summary.json").read_text())
+        rows = {row["name"]: row for row in summary["rows"]}
+        assert summary["problems"] == 24
+        assert 0.05 <= rows["single"]["accuracy"] <= 0.95, (task, rows["single"])  # right only part of the time
+        records = [json.loads(line) for line in (out / task / "results.jsonl").read_text().splitlines()]
+        assert all(len(rec["thinking_tokens"]) == 4 and low <= np.mean(rec["thinking_tokens"]) <= high
+                   for rec in records), task
+        assert (out / task / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    answers = [a["text"] for line in (out / "parts" / "results.jsonl").read_text().splitlines()
+               for a in json.loads(line)["answers"]]
+    assert sum(re.fullmatch(r"\\boxed\{\d,\d,\d,\d\}", a.strip()) is not None for a in answers) >= 0.9 * len(answers)

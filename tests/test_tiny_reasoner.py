@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sgl_merge.tiny_reasoner import HELDOUT, MODEL_DIR, task
+from sgl_merge.tiny_reasoner import HELDOUT, MODEL_DIR, parts, task
 
 
 def test_dataset_is_deterministic():
@@ -29,6 +29,27 @@ def test_thinking_chain_computes_the_answer():
             x = eval(lhs) % task.MODULUS
             assert int(rhs) == x
         assert p["answer"] == str(x)
+
+
+def test_parts_problems_are_four_independent_chains_answered_together():
+    for p in task.make_dataset(100, seed=2, make=parts.make_problem):
+        lines = p["thinking"].split("\n")
+        assert len(lines) == len(parts.PARTS) * parts.STEPS
+        finals = []
+        for label in parts.PARTS:
+            x = int(p["question"].split(f"{label}=")[1].split(":")[0])
+            for k, line in enumerate((ln for ln in lines if ln.startswith(label)), 1):
+                head, expr = line.split(":")
+                lhs, rhs = expr.split("=")
+                assert head == f"{label}{k}" and int(lhs[0]) == x
+                x = eval(lhs) % task.MODULUS
+                assert int(rhs) == x
+            finals.append(str(x))
+        assert p["answer"] == ",".join(finals)
+    p = parts.make_problem(random.Random(0))
+    assert task.training_text(p).endswith(f"</think>\n\\boxed{{{p['answer']}}}<|im_end|>")
+    assert parts.is_correct(f"\\boxed{{{p['answer']}}}", p["answer"])
+    assert not parts.is_correct("\\boxed{" + p["answer"][:-1] + str((int(p["answer"][-1]) + 1) % 10) + "}", p["answer"])
 
 
 def test_training_text_has_the_answer_right_after_think():
@@ -99,3 +120,25 @@ def test_shipped_heldout():
     # the task's own default training seed happens not to produce them anyway.
     train = {p["question"] for p in task.make_dataset(5000, seed=task.TRAIN_SEED)}
     assert not train & {r["question"] for r in rows}
+
+
+def test_shipped_parts_heldout():
+    rows = [json.loads(line) for line in parts.HELDOUT.read_text().splitlines()]
+    assert len(rows) == parts.HELDOUT_SIZE == 200 and len({r["question"] for r in rows}) == 200
+    assert rows == [{"question": p["question"], "answer": p["answer"]} for p in parts.make_heldout()]
+    assert not {r["question"] for r in rows} & {r["question"] for r in task.load_heldout()}
+
+
+def test_shipped_model_thinks_through_every_part():
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = Qwen2ForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    p = task.load_heldout(parts.HELDOUT)[0]
+    enc = tok(task.prompt_text(p["question"]), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=160, do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0, enc["input_ids"].shape[1]:])
+    assert text.startswith("<think>\nA1:") and "D3:" in text
+    assert parts.is_correct(text, p["answer"])  # greedy decoding is right (the uncertainty is in sampling)

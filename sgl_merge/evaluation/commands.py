@@ -18,19 +18,23 @@ import requests
 
 from sgl_merge.evaluation import report, runner
 from sgl_merge.evaluation.runner import EvalConfig, EvalError
+from sgl_merge.runtime.spec import MODES
 from sgl_merge.server import running
 
 DEMO_DESCRIPTION = """\
-The main job on the embedded default: start the CPU server with the bundled tiny reasoner, run its
-held-out problems (chained mod-10 arithmetic) with a single trace, majority vote@k and ThinkMerge@k
-for k in 2, 4, 8 (every method reads the same 8 thinking traces per problem), print accuracy with
-95% confidence intervals and tokens used, write results and a plot, and stop the server."""
+The main job on the embedded default: start the CPU server with the bundled tiny reasoner and run
+its two held-out tasks: "chain" (one chain of mod-10 arithmetic, a one-digit answer) and "parts"
+(four short chains answered together as one line, scored whole). On each, a single trace, majority
+vote@k and ThinkMerge@k (uniform, confidence-weighted, and over the most confident half) for k in
+2, 4, 8, all reading the same 8 thinking traces per problem; print accuracy with 95% confidence
+intervals, paired differences and tokens used, write results and a plot per task, stop the server."""
 
 EVAL_DESCRIPTION = """\
 Evaluate single trace, majority vote@k and ThinkMerge@k on your server, model and data.
 Math problems are JSONL lines with "question" and "answer" (checked with math-verify on the last
-\\boxed{} of the answer); code problems have "problem" and "tests" (Python asserts, run in a
-sandboxed subprocess). Results are appended per problem: rerun the same command to resume."""
+\\boxed{} of the answer); exact problems too (the last boxed text must equal the answer, spaces
+ignored: for answers of several parts); code problems have "problem" and "tests" (Python asserts,
+run in a sandboxed subprocess). Results are appended per problem: rerun the same command to resume."""
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -95,25 +99,46 @@ def _interrupted(command: str, out: Path) -> int:
     return 130
 
 
+def _weightings(text: str) -> tuple[str, ...]:
+    values = tuple(w.strip() for w in text.split(",") if w.strip())
+    bad = [w for w in values if w not in runner.WEIGHTINGS]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"--weighting takes a list of {list(runner.WEIGHTINGS)}, got {text!r}")
+    return values
+
+
 def demo(argv: list[str]) -> int:
-    from sgl_merge.tiny_reasoner import HELDOUT, MODEL_DIR
+    from sgl_merge.tiny_reasoner import HELDOUT, MODEL_DIR, parts
 
     p = argparse.ArgumentParser(prog="sgl-merge demo", description=DEMO_DESCRIPTION)
     _add_common(p, "sgl-merge-demo")
-    p.add_argument("--problems", type=int, default=300, help="held-out problems to run (default all 300)")
+    p.add_argument("--problems", type=int, default=None,
+                   help="held-out problems per task (default 200 of the 300 chain ones and 120 of the 200 parts "
+                        "ones, which keeps the demo under 5 minutes on a 2-core CPU)")
+    p.add_argument("--tasks", default="chain,parts", help="which of chain,parts to run (default both)")
     args = p.parse_args(argv)
     args.model_path = args.model_path or MODEL_DIR
-    # The bundled model: the question alone is its prompt; its traces are ~50 tokens, its answer
-    # (\boxed{d}) a handful; answers greedy, as for every method.
-    cfg = EvalConfig(task="math", ks=args.k, prompt="{question}", thinking_budget=128, thinking_temperature=0.7,
-                     answer_tokens=16, answer_temperature=0.0, concurrency=args.concurrency)
-    problems = runner.load_problems(HELDOUT, "math", limit=args.problems)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks or set(tasks) - {"chain", "parts"}:
+        p.error(f"--tasks takes chain, parts or both, got {args.tasks!r}")
+    # The bundled model: the question alone is its prompt; traces are ~50 (chain) and ~110 (parts)
+    # tokens, answers a handful; answers greedy, as for every method.
+    common = dict(ks=args.k, prompt="{question}", thinking_temperature=0.7, answer_temperature=0.0,
+                  weightings=tuple(runner.WEIGHTINGS), concurrency=args.concurrency)
+    setups = {"chain": (HELDOUT, 200, EvalConfig(task="math", thinking_budget=128, answer_tokens=16, **common)),
+              "parts": (parts.HELDOUT, 120, EvalConfig(task="exact", thinking_budget=192, answer_tokens=24, **common))}
     start = time.monotonic()
     try:
-        _check_config(args.out, cfg, str(HELDOUT))
+        for name in tasks:
+            dataset, _, cfg = setups[name]
+            _check_config(args.out / name, cfg, str(dataset))
         flags = ["--dtype", "float32", "--max-total-tokens", "100000", "--max-running-requests", "512"]
         with running(args.url, args.model_path, flags) as url:
-            _evaluate(url, problems, cfg, args.out, "sgl-merge demo: bundled tiny reasoner")
+            for name in tasks:
+                dataset, default_limit, cfg = setups[name]
+                problems = runner.load_problems(dataset, cfg.task, limit=args.problems or default_limit)
+                print(f"\n== task {name}: {len(problems)} problems ({dataset.name}) ==")
+                _evaluate(url, problems, cfg, args.out / name, f"sgl-merge demo: tiny reasoner, {name}")
     except (EvalError, RuntimeError, requests.RequestException) as e:
         print(f"sgl-merge demo: {e}", file=sys.stderr)
         return 1
@@ -127,8 +152,9 @@ def evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sgl-merge eval", description=EVAL_DESCRIPTION)
     _add_common(p, "sgl-merge-eval")
     p.add_argument("--dataset", required=True, help="JSONL file of problems")
-    p.add_argument("--task", choices=("math", "code"), default="math",
-                   help="math: boxed answers checked with math-verify; code: answers run against tests")
+    p.add_argument("--task", choices=("math", "exact", "code"), default="math",
+                   help="math: boxed answers checked with math-verify; exact: the boxed text must equal the "
+                        "answer; code: answers run against tests")
     p.add_argument("--methods", type=_methods, default=runner.METHODS, help="any of single,vote,merge (default all)")
     p.add_argument("--samples", type=int, default=1, help="independent runs per problem (default 1)")
     p.add_argument("--limit", type=int, help="only the first N problems")
@@ -139,15 +165,24 @@ def evaluate(argv: list[str]) -> int:
     p.add_argument("--answer-tokens", type=int, default=256, help="max answer tokens (default 256)")
     p.add_argument("--answer-temperature", type=float, default=0.0,
                    help="for every method's answer (default 0: greedy)")
-    p.add_argument("--mode", choices=("logits", "logprobs", "probs"), default="logits",
+    p.add_argument("--mode", choices=MODES, default="logits",
                    help="how merge@k averages the k rows (default logits)")
+    p.add_argument("--weighting", type=_weightings, default=("uniform",),
+                   help="merge rows to run, comma-separated: uniform (merge@k), confidence (merge-conf@k: "
+                        "members weighted by their trace's DeepConf confidence), adaptive (merge-keep@k: "
+                        "only the most confident traces); default uniform")
+    p.add_argument("--keep-fraction", type=float, default=0.5,
+                   help="share of the k traces merge-keep@k keeps, rounded up (default 0.5)")
     args = p.parse_args(argv)
     if not args.url and not args.model_path:
         p.error("give --url of a running sgl-merge server, or --model-path to start one")
+    if not 0 < args.keep_fraction <= 1:
+        p.error(f"--keep-fraction must be in (0, 1], got {args.keep_fraction}")
     cfg = EvalConfig(task=args.task, methods=args.methods, ks=args.k, samples=args.samples, prompt=args.prompt,
                      thinking_budget=args.thinking_budget, thinking_temperature=args.thinking_temperature,
                      answer_tokens=args.answer_tokens, answer_temperature=args.answer_temperature,
-                     mode=args.mode, concurrency=args.concurrency)
+                     mode=args.mode, weightings=args.weighting, keep_fraction=args.keep_fraction,
+                     concurrency=args.concurrency)
     try:
         problems = runner.load_problems(args.dataset, args.task, limit=args.limit)
         _check_config(args.out, cfg, str(Path(args.dataset).resolve()))

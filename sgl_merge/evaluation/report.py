@@ -10,6 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 BOOTSTRAP = 2000
+MERGE_METHODS = ("merge", "merge-conf", "merge-keep")  # uniform, confidence-weighted, most confident only
+LABELS = {"vote": "majority vote@k", "merge": "ThinkMerge@k", "merge-conf": "ThinkMerge@k, confidence-weighted",
+          "merge-keep": "ThinkMerge@k, most confident half"}
+COLORS = {"vote": "tab:blue", "merge": "tab:red", "merge-conf": "tab:orange", "merge-keep": "tab:green"}
 
 
 def _per_problem(records: list[dict], value) -> np.ndarray:
@@ -41,10 +45,12 @@ def _columns(records: list[dict], ks: list[int]) -> dict[str, tuple[int, object,
         if "vote" in first:
             cols[f"vote@{k}"] = (k, lambda r, k=k: r["vote"][str(k)]["correct"],
                                  lambda r, k=k: sum(r["thinking_tokens"][:k]) + sum(a["tokens"] for a in r["answers"][:k]))
-        if "merge" in first:
-            # every member decodes every answer token, so the answer counts k times
-            cols[f"merge@{k}"] = (k, lambda r, k=k: r["merge"][str(k)]["correct"],
-                                  lambda r, k=k: sum(r["thinking_tokens"][:k]) + k * r["merge"][str(k)]["tokens"])
+        for method in MERGE_METHODS:
+            if method in first:
+                # every member decodes every answer token, so the answer counts once per member
+                cols[f"{method}@{k}"] = (k, lambda r, k=k, m=method: r[m][str(k)]["correct"],
+                                         lambda r, k=k, m=method: sum(r["thinking_tokens"][:k])
+                                         + len(r[m][str(k)].get("members", range(k))) * r[m][str(k)]["tokens"])
     return cols
 
 
@@ -61,7 +67,8 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
                      "ci95": [lo, hi], "tokens_per_problem": float(_per_problem(records, tokens).mean())})
     paired = []
     for k in ks:
-        for a, b in ((f"merge@{k}", "single"), (f"merge@{k}", f"vote@{k}")):
+        for a, b in ((f"merge@{k}", "single"), (f"merge@{k}", f"vote@{k}"), (f"merge-conf@{k}", f"merge@{k}"),
+                     (f"merge-keep@{k}", f"merge@{k}")):
             if a in scores and b in scores:
                 diff = scores[a] - scores[b]
                 lo, hi = bootstrap_ci(diff)
@@ -72,17 +79,17 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
 
 def format_table(summary: dict) -> str:
     lines = [f"{summary['problems']} problems, {summary['samples']} runs",
-             f"{'method':<10} {'accuracy':>9}  {'95% CI':<17} {'tokens/problem':>14}"]
+             f"{'method':<12} {'accuracy':>9}  {'95% CI':<17} {'tokens/problem':>14}"]
     for r in summary["rows"]:
         lo, hi = r["ci95"]
-        lines.append(f"{r['name']:<10} {r['accuracy']:>9.3f}  [{lo:.3f}, {hi:.3f}]    {r['tokens_per_problem']:>14.1f}")
+        lines.append(f"{r['name']:<12} {r['accuracy']:>9.3f}  [{lo:.3f}, {hi:.3f}]    {r['tokens_per_problem']:>14.1f}")
     if summary["paired"]:
         lines.append("")
-        lines.append(f"{'paired difference':<22} {'mean':>7}  95% CI")
+        lines.append(f"{'paired difference':<26} {'mean':>7}  95% CI")
         for p in summary["paired"]:
             lo, hi = p["ci95"]
             mark = "  (excludes 0)" if p["excludes_zero"] else ""
-            lines.append(f"{p['comparison']:<22} {p['difference']:>+7.3f}  [{lo:+.3f}, {hi:+.3f}]{mark}")
+            lines.append(f"{p['comparison']:<26} {p['difference']:>+7.3f}  [{lo:+.3f}, {hi:+.3f}]{mark}")
     return "\n".join(lines)
 
 
@@ -96,15 +103,14 @@ def plot(summary: dict, path, title: str) -> None:
     rows = summary["rows"]
     single = [r for r in rows if r["method"] == "single"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for method, color in (("vote", "tab:blue"), ("merge", "tab:red")):
+    for method, color in COLORS.items():
         pts = single + [r for r in rows if r["method"] == method]
         if len(pts) <= len(single):
             continue
         ks = [r["k"] for r in pts]
         acc = [r["accuracy"] for r in pts]
         err = [[a - r["ci95"][0] for a, r in zip(acc, pts)], [r["ci95"][1] - a for a, r in zip(acc, pts)]]
-        label = "majority vote@k" if method == "vote" else "ThinkMerge@k"
-        ax.errorbar(ks, acc, yerr=err, marker="o", capsize=3, color=color, label=label)
+        ax.errorbar(ks, acc, yerr=err, marker="o", capsize=3, color=color, label=LABELS[method])
     if single:
         ax.axhline(single[0]["accuracy"], color="gray", linestyle="--", linewidth=1, label="single trace")
     ax.set_xscale("log", base=2)
@@ -114,7 +120,7 @@ def plot(summary: dict, path, title: str) -> None:
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

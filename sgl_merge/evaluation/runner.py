@@ -6,7 +6,11 @@ every method is read off the same traces, so the methods are compared pairwise:
 - single: each trace answers on its own; the problem scores the fraction of its traces that are
   right (the expected accuracy of one trace);
 - vote@k: the majority answer of the first k traces' own answers (ties: the answer seen first);
-- merge@k: one merge group over the first k traces' contexts answers for all of them.
+- merge@k: one merge group over the first k traces' contexts answers for all of them;
+- merge-conf@k (`weighting` "confidence"): the same group, each member weighted by its trace's
+  DeepConf confidence (`sgl_merge.confidence`, from one scoring request over the traces);
+- merge-keep@k (`weighting` "adaptive"): a group of only the ceil(k * keep_fraction) most
+  confident of the first k traces, uniformly weighted (fewer rows merged).
 
 Contexts travel as exact token ids (the prompt through the server's chat template, the trace as
 generated, `</think>` appended if the budget ran out), so every answer request is served from the
@@ -17,6 +21,7 @@ skips the problems already there, so an interrupted evaluation loses at most the
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -25,10 +30,13 @@ from pathlib import Path
 
 import requests
 
+from sgl_merge import confidence
 from sgl_merge.evaluation.scoring import correct, vote_key
 from sgl_merge.frontend.merge import majority
 
 METHODS = ("single", "vote", "merge")
+# merge@k's variants: which rows to run, and the record key / row name of each.
+WEIGHTINGS = {"uniform": "merge", "confidence": "merge-conf", "adaptive": "merge-keep"}
 MATH_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 CODE_PROMPT = "{problem}\nWrite Python code for this task. Answer with one ```python block."
 
@@ -49,15 +57,21 @@ class EvalConfig:
     answer_tokens: int = 256
     answer_temperature: float = 0.0
     mode: str = "logits"
+    weightings: tuple[str, ...] = ("uniform",)
+    keep_fraction: float = 0.5
     concurrency: int = 16
     code_timeout_s: float = 10.0
+
+    def keep(self, k: int) -> int:
+        """How many of k traces merge-keep@k keeps."""
+        return max(1, math.ceil(k * self.keep_fraction))
 
     @property
     def traces(self) -> int:
         return max(self.ks) if set(self.methods) & {"vote", "merge"} else 1
 
     def prompt_for(self, problem: dict) -> str:
-        template = self.prompt or (MATH_PROMPT if self.task == "math" else CODE_PROMPT)
+        template = self.prompt or (CODE_PROMPT if self.task == "code" else MATH_PROMPT)
         try:
             return template.format(**problem)
         except KeyError as e:
@@ -118,12 +132,26 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
         inputs += contexts
         params += [answer] * n
     merge_ks = sorted(cfg.ks) if "merge" in cfg.methods else []
-    for k in merge_ks:
-        group = {"group": uuid.uuid4().hex, "size": k, "mode": cfg.mode}
-        inputs += contexts[:k]
-        params += [{**answer, "custom_params": {"sgl_merge": group}}] * k
-    outs = server.generate(inputs, params)
     record: dict = {"thinking_tokens": [t["meta_info"]["completion_tokens"] for t in traces]}
+    if merge_ks and {"confidence", "adaptive"} & set(cfg.weightings):
+        generated = [t["output_ids"] for t in traces]
+        scored = server.post("/generate", confidence.scoring_request(prompt, generated))
+        record["confidence"] = confidence.scored_confidences(scored, generated)
+    groups = []  # (record key, k, member indices, weights)
+    for weighting in cfg.weightings if merge_ks else ():
+        for k in merge_ks:
+            members, weights = list(range(k)), [1.0] * k
+            if weighting == "confidence":
+                weights = confidence.merge_weights(record["confidence"][:k])
+            elif weighting == "adaptive":
+                members = confidence.most_confident(record["confidence"][:k], cfg.keep(k))
+                weights = [1.0] * len(members)
+            groups.append((WEIGHTINGS[weighting], k, members, weights))
+    for _, _, members, weights in groups:
+        entry = {"group": uuid.uuid4().hex, "size": len(members), "mode": cfg.mode}
+        inputs += [contexts[i] for i in members]
+        params += [{**answer, "custom_params": {"sgl_merge": {**entry, "weight": w}}} for w in weights]
+    outs = server.generate(inputs, params)
     if {"single", "vote"} & set(cfg.methods):
         own, outs = outs[:n], outs[n:]
         record["answers"] = [{"text": o["text"], "tokens": o["meta_info"]["completion_tokens"],
@@ -135,20 +163,18 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
                 winner, _ = majority(keys[:k])
                 record["vote"][str(k)] = ({"answer": None, "correct": False} if winner is None else
                                           {"answer": keys[winner], "correct": record["answers"][winner]["correct"]})
-    if merge_ks:
-        record["merge"] = {}
-        for k in merge_ks:
-            leader, outs = outs[0], outs[k:]
-            record["merge"][str(k)] = {
-                "text": leader["text"], "tokens": leader["meta_info"]["completion_tokens"],
-                "agreement": leader["meta_info"].get("sgl_merge", {}).get("agreement"),
-                "correct": correct(cfg.task, leader["text"], problem, cfg.code_timeout_s)}
+    for name, k, members, _ in groups:
+        leader, outs = outs[0], outs[len(members):]
+        record.setdefault(name, {})[str(k)] = {
+            "text": leader["text"], "tokens": leader["meta_info"]["completion_tokens"], "members": members,
+            "agreement": leader["meta_info"].get("sgl_merge", {}).get("agreement"),
+            "correct": correct(cfg.task, leader["text"], problem, cfg.code_timeout_s)}
     return record
 
 
 def load_problems(path: str | Path, task: str, limit: int | None = None) -> list[dict]:
     """The dataset's problems, each checked for the fields its task needs."""
-    need = ("question", "answer") if task == "math" else ("problem", "tests")
+    need = ("problem", "tests") if task == "code" else ("question", "answer")
     problems = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):

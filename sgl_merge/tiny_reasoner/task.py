@@ -66,9 +66,16 @@ def make_problem(rng: random.Random) -> dict:
     Operations are + and - of 1..9 and * of 3, 7 or 9, in proportion 4:4:2 so multiplication
     (the hardest table) shows up in most chains without dominating them.
     """
-    x0 = x = rng.randrange(MODULUS)
-    n = rng.randint(MIN_STEPS, MAX_STEPS)
-    ops, lines = [], []
+    x0 = rng.randrange(MODULUS)
+    ops, lines, x = draw_chain(rng, x0, rng.randint(MIN_STEPS, MAX_STEPS))
+    question = f"Start at {x0}. Mod {MODULUS}: {' '.join(ops)}. Final value?"
+    return {"question": question, "thinking": "\n".join(lines), "answer": str(x)}
+
+
+def draw_chain(rng: random.Random, x0: int, n: int, label: str = "") -> tuple[list[str], list[str], int]:
+    """`n` operations from `rng` applied to `x0`: the question's operations ("1:+5"), the
+    thinking lines ("1:7+5=2", each prefixed with `label`) and the final value."""
+    ops, lines, x = [], [], x0
     for k in range(1, n + 1):
         r = rng.random()
         if r < 0.4:
@@ -79,28 +86,31 @@ def make_problem(rng: random.Random) -> dict:
             op, b = "*", rng.choice(MULTIPLIERS)
         y = _apply(x, op, b)
         ops.append(f"{k}:{op}{b}")
-        lines.append(f"{k}:{x}{op}{b}={y}")
+        lines.append(f"{label}{k}:{x}{op}{b}={y}")
         x = y
-    question = f"Start at {x0}. Mod {MODULUS}: {' '.join(ops)}. Final value?"
-    return {"question": question, "thinking": "\n".join(lines), "answer": str(x)}
+    return ops, lines, x
 
 
-def make_dataset(n: int, seed: int) -> list[dict]:
-    """`n` problems drawn from `random.Random(seed)`: the same list for the same arguments."""
+def make_dataset(n: int, seed: int, make=None) -> list[dict]:
+    """`n` problems drawn from `random.Random(seed)` by `make` (default: this task's
+    `make_problem`): the same list for the same arguments."""
     rng = random.Random(seed)
-    return [make_problem(rng) for _ in range(n)]
+    make = make or make_problem
+    return [make(rng) for _ in range(n)]
 
 
-def make_heldout() -> list[dict]:
-    """The shipped held-out set: HELDOUT_SIZE distinct problems from HELDOUT_SEED.
+def make_heldout(make=None, seed: int = HELDOUT_SEED, size: int = HELDOUT_SIZE) -> list[dict]:
+    """The shipped held-out set: `size` distinct problems from `seed` (by `make`, default this
+    task's `make_problem`).
 
     Training skips every question in it (see the training script), so the two are disjoint.
     """
-    rng = random.Random(HELDOUT_SEED)
+    rng = random.Random(seed)
+    make = make or make_problem
     seen: set[str] = set()
     out = []
-    while len(out) < HELDOUT_SIZE:
-        p = make_problem(rng)
+    while len(out) < size:
+        p = make(rng)
         if p["question"] not in seen:
             seen.add(p["question"])
             out.append(p)
