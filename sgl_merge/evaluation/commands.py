@@ -92,9 +92,11 @@ def _evaluate(url: str, problems: list[dict], cfg: EvalConfig, out: Path, title:
 
 
 def _interrupted(command: str, out: Path) -> int:
-    results = out / "results.jsonl"
-    saved = len(results.read_text().splitlines()) if results.exists() else 0
-    print(f"\n{command}: interrupted; {saved} problem runs are saved in {results}. "
+    # eval writes one results file; the demo one per task folder
+    files = [out / "results.jsonl"] if (out / "results.jsonl").exists() else sorted(out.glob("*/results.jsonl"))
+    saved = sum(len(f.read_text().splitlines()) for f in files)
+    where = files[0] if len(files) == 1 else out
+    print(f"\n{command}: interrupted; {saved} problem runs are saved in {where}. "
           "Run the same command again to resume.", file=sys.stderr)
     return 130
 
@@ -113,8 +115,8 @@ def demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sgl-merge demo", description=DEMO_DESCRIPTION)
     _add_common(p, "sgl-merge-demo")
     p.add_argument("--problems", type=int, default=None,
-                   help="held-out problems per task (default 200 of the 300 chain ones and 120 of the 200 parts "
-                        "ones, which keeps the demo under 5 minutes on a 2-core CPU)")
+                   help="held-out problems per task (default 150 of the 300 chain ones and 100 of the 200 parts "
+                        "ones, which keeps the demo near 4 minutes on a 2-core CPU)")
     p.add_argument("--tasks", default="chain,parts", help="which of chain,parts to run (default both)")
     args = p.parse_args(argv)
     args.model_path = args.model_path or MODEL_DIR
@@ -125,8 +127,8 @@ def demo(argv: list[str]) -> int:
     # tokens, answers a handful; answers greedy, as for every method.
     common = dict(ks=args.k, prompt="{question}", thinking_temperature=0.7, answer_temperature=0.0,
                   weightings=tuple(runner.WEIGHTINGS), concurrency=args.concurrency)
-    setups = {"chain": (HELDOUT, 200, EvalConfig(task="math", thinking_budget=128, answer_tokens=16, **common)),
-              "parts": (parts.HELDOUT, 120, EvalConfig(task="exact", thinking_budget=192, answer_tokens=24, **common))}
+    setups = {"chain": (HELDOUT, 150, EvalConfig(task="math", thinking_budget=128, answer_tokens=16, **common)),
+              "parts": (parts.HELDOUT, 100, EvalConfig(task="exact", thinking_budget=192, answer_tokens=24, **common))}
     start = time.monotonic()
     try:
         for name in tasks:

@@ -110,7 +110,9 @@ def plot(summary: dict, path, title: str) -> None:
         ks = [r["k"] for r in pts]
         acc = [r["accuracy"] for r in pts]
         err = [[a - r["ci95"][0] for a, r in zip(acc, pts)], [r["ci95"][1] - a for a, r in zip(acc, pts)]]
-        ax.errorbar(ks, acc, yerr=err, marker="o", capsize=3, color=color, label=LABELS[method])
+        # dashed: the confidence-weighted line often lies right on the uniform one
+        ax.errorbar(ks, acc, yerr=err, marker="o", capsize=3, color=color, label=LABELS[method],
+                    linestyle="--" if method == "merge-conf" else "-")
     if single:
         ax.axhline(single[0]["accuracy"], color="gray", linestyle="--", linewidth=1, label="single trace")
     ax.set_xscale("log", base=2)
