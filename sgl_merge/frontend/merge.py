@@ -36,6 +36,7 @@ DEFAULT_CLOSE = "</think>"
 _SAMPLING_ARGS = ("max_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
                   "frequency_penalty", "presence_penalty", "ignore_eos", "regex", "json_schema")
 _checked_urls: set[str] = set()
+_without_tokenize: set[str] = set()  # URLs that do not serve /tokenize (the gateway)
 
 
 class MergeError(RuntimeError):
@@ -85,11 +86,13 @@ def _post(url: str, body: dict, key: str) -> list | dict:
 def _tokenize(url: str, text: str, key: str, add_special_tokens: bool = False) -> list[int]:
     """The server's token ids for `text`: /tokenize, or where that is not served (the gateway) the
     prompt ids of a zero-token /generate, which also warms the routed worker's cache."""
-    r = requests.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": add_special_tokens},
-                      headers={ROUTING_HEADER: key}, timeout=60)
-    if r.status_code != 404:
-        r.raise_for_status()
-        return r.json()["tokens"]
+    if url not in _without_tokenize:
+        r = requests.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": add_special_tokens},
+                          headers={ROUTING_HEADER: key}, timeout=60)
+        if r.status_code != 404:
+            r.raise_for_status()
+            return r.json()["tokens"]
+        _without_tokenize.add(url)  # asked once per URL
     ids = _prompt_ids(url, text, key)
     if not add_special_tokens:
         ids = ids[len(_special_prefix(url, key)):]
