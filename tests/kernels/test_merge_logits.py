@@ -37,6 +37,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # 2^-7 relative), because the fp32 results may land on either side of a rounding boundary, and the
 # Triton interpreter truncates fp32 -> bf16 where torch and the GPU round to nearest even.
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+# Mode 3 in fp32: its weights come from entropies summed over the whole vocabulary, whose rounding
+# (about 1e-6 relative at V = 151936) moves every merged value of a row a little, so a value that
+# nearly cancels to 0 sees an absolute error of a few 1e-5 (measured 2.5e-5 on logits ~ 3 * randn).
+ENTROPY_FP32 = dict(rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,8 +83,14 @@ def mismatch(merge, case, device: str) -> str | None:
     merge(got, *tables)
     if not torch.equal(bits(got[ungrouped]), bits(logits[ungrouped])):
         return "an ungrouped row changed"
+    rows, _, modes, _ = (t.cpu() for t in tables)
+    entropy_rows = rows[modes == MODES["entropy"]].flatten()
+    entropy_rows = entropy_rows[entropy_rows >= 0].tolist()
+    other_rows = [r for r in range(len(logits)) if r not in set(entropy_rows)]
+    loose = ENTROPY_FP32 if logits.dtype == torch.float32 else TOLERANCES[logits.dtype]
     try:
-        torch.testing.assert_close(got, expected, **TOLERANCES[logits.dtype])
+        torch.testing.assert_close(got[other_rows], expected[other_rows], **TOLERANCES[logits.dtype])
+        torch.testing.assert_close(got[entropy_rows], expected[entropy_rows], **loose)
     except AssertionError as e:
         return str(e)
     return None
