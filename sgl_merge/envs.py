@@ -18,3 +18,8 @@ def seconds(name: str, default: float) -> float:
     except ValueError:
         logger.error("%s=%r is not a number of seconds; using %s", name, raw, default)
         return default
+
+
+def flag(name: str) -> bool:
+    """`$name` as an on/off switch: on for 1 / true / yes (any case), off when unset or anything else."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")

@@ -36,7 +36,8 @@ def gateway(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("gateway")
     with ExitStack() as stack:
         serves = [ServeProcess(["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS],
-                               log_path=d / f"worker{i}.log", env={"SGLANG_MERGE_GROUP_TIMEOUT": "10"})
+                               log_path=d / f"worker{i}.log", env={"SGLANG_MERGE_GROUP_TIMEOUT": "10",
+                                                                        "SGLANG_MERGE_REQUIRE_ROUTING_KEY": "1"})
                   for i in range(2)]
         with ThreadPoolExecutor(2) as pool:  # start both at once
             workers = list(pool.map(stack.enter_context, serves))
@@ -117,6 +118,24 @@ def test_members_sent_separately_with_one_routing_key_meet_on_one_worker(gateway
         assert a.status_code == b.status_code == 200, (a.text, b.text)
         assert a.headers[WORKER] == b.headers[WORKER]
         assert a.json()["output_ids"] == b.json()["output_ids"]
+
+
+def test_a_member_sent_apart_without_a_routing_key_is_refused_at_once_naming_the_header(gateway, tokenizer):
+    """Workers behind the gateway run with SGLANG_MERGE_REQUIRE_ROUTING_KEY=1: an unkeyed member
+    that could land on another worker than the rest is a 400 now, not a wait for the timeout (10 s
+    here); a whole group in one request needs no key."""
+    ctx = tokenizer.encode(PROMPTS[0])
+    body = {"input_ids": ctx, "sampling_params": {"temperature": 0, "max_new_tokens": 4,
+                                                  "custom_params": {"sgl_merge": {"group": uuid.uuid4().hex, "size": 2}}}}
+    start = time.monotonic()
+    r = requests.post(f"{gateway.url}/generate", json=body, timeout=60)
+    assert r.status_code == 400 and "X-SMG-Routing-Key" in r.text and "in one request" in r.text, r.text
+    assert time.monotonic() - start < 5
+    whole = requests.post(f"{gateway.url}/generate", json=one_request_group([ctx, ctx], max_new_tokens=4), timeout=60)
+    assert whole.status_code == 200, whole.text
+    plain = requests.post(f"{gateway.url}/generate", json={"input_ids": ctx, "sampling_params": {"max_new_tokens": 2}},
+                          timeout=60)
+    assert plain.status_code == 200, plain.text
 
 
 def test_the_frontend_works_through_the_gateway(gateway):

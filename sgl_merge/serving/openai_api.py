@@ -22,6 +22,7 @@ import time
 import uuid
 
 from sgl_merge.envs import seconds
+from sgl_merge.serving.routing import check_routing_key
 from sgl_merge.serving.think_merge import (FIELD, ThinkMergeCall, ThinkMergeError, parse_config, run,
                                            think_token_ids)
 
@@ -66,9 +67,12 @@ async def handle_streaming_request(original, serving, adapted_request, request, 
 
 
 def generate_request(original, manager, obj, *args, **kwargs):
-    """AROUND TokenizerManager.generate_request: the flow for the one generation of a marked call."""
+    """AROUND TokenizerManager.generate_request: the flow for the one generation of a marked call;
+    for other requests, the routing-key check of a server behind a gateway (`routing`)."""
     raw_request = args[0] if args else kwargs.get("request")
     call = _call_of(raw_request)
+    if call is None:
+        check_routing_key(obj, raw_request)
     if call is None or call.started:
         return original(manager, obj, *args, **kwargs)
     call.started = True
