@@ -8,13 +8,15 @@ validation). Everything a request without `sgl_merge` touches returns to SGLang'
 from __future__ import annotations
 
 import zlib
+from array import array
 
-from sgl_merge.runtime import sampling
+from sgl_merge.runtime import join, sampling
 from sgl_merge.runtime.groups import PROTECTED, GroupRegistry, member_spec
 from sgl_merge.runtime.spec import KEY, MergeSpecError, expand_shared_weights, parse_member_spec
 
 _admission: GroupRegistry | None = None  # the registry of the admission pass in progress
 _registry: GroupRegistry | None = None  # this process's scheduler's (one scheduler per process)
+_joins: join.JoinRegistry | None = None  # its kept sources and joins, from the first such request on
 
 
 def registry(scheduler) -> GroupRegistry:
@@ -22,6 +24,13 @@ def registry(scheduler) -> GroupRegistry:
     if _registry is None:
         _registry = GroupRegistry(scheduler)
     return _registry
+
+
+def joins(scheduler) -> join.JoinRegistry:
+    global _joins
+    if _joins is None:
+        _joins = join.JoinRegistry(scheduler)
+    return _joins
 
 
 def _asks_to_merge(req) -> bool:
@@ -35,6 +44,7 @@ def _asks_to_merge(req) -> bool:
 def verify_request(result, params, vocab_size):
     """AFTER SamplingParams.verify: a malformed sgl_merge entry is a 400 naming the field."""
     spec = parse_member_spec(params.custom_params)
+    join.verify(params.custom_params)
     if spec is not None and params.beam_width not in (None, 1):
         raise MergeSpecError("sampling_params.beam_width cannot be combined with "
                              "sampling_params.custom_params.sgl_merge: beam search cannot keep members in lockstep")
@@ -63,11 +73,95 @@ def route_group(result, manager, obj, *args, **kwargs):
 def record_requested_max_new(original, scheduler, req):
     """AROUND Scheduler.init_req_max_new_tokens: members must agree on what they asked for,
     before SGLang caps it by each member's own context length. The registry exists from a first
-    member's arrival on, before its grammar (if any) compiles and it reaches the waiting queue."""
+    member's arrival on, before its grammar (if any) compiles and it reaches the waiting queue.
+    A join becomes prompt + parts + continuation here, so that SGLang's length caps and checks
+    that follow see the whole sequence; a join it cannot make is a 400 naming the source."""
     if _asks_to_merge(req):
         registry(scheduler)
         req._sgl_merge_requested_max_new = req.sampling_params.max_new_tokens
+    params = req.sampling_params.custom_params
+    if isinstance(params, dict) and req.to_finish is None and req.finished_reason is None:
+        if (ttl := join.parse_keep(params)) is not None:
+            joins(scheduler)
+            req._sgl_keep_ttl = ttl
+        if (spec := join.parse_join(params)) is not None:
+            plan = joins(scheduler).plan(req, spec)
+            if isinstance(plan, str):
+                join.bad_request(req, plan)
+            else:
+                joins(scheduler).attach(req, plan)
     return original(scheduler, req)
+
+
+def claim_joined_prefix(original, req, tree_cache=None, cow_mamba=None):
+    """AROUND Req.init_next_round_input: a join's prefix is its sources' pinned KV, never a match of
+    its token sequence in the tree (which holds no such sequential computation)."""
+    plan = getattr(req, "_sgl_join", None)
+    if plan is None or tree_cache is None or req.kv.holds_kv:
+        return original(req, tree_cache, cow_mamba)
+    from sglang.srt.mem_cache.common import match_kv_cache
+
+    original(req, None, cow_mamba)
+    match_kv_cache(req, tree_cache, array("q"))  # the root: consistent match fields, nothing locked
+    n = plan.joined_len
+    req.prefix_len = req.num_matched_prefix_tokens = req.kv.cache_protected_len = n
+    if req.return_logprob and 0 <= req.logprob_start_len < n:
+        req.logprob_start_len = n  # the parts' tokens are read, not computed: no input logprobs there
+
+
+def joined_prefix_indices(original, batch, req):
+    """AROUND allocation._prefix_kv_indices: a join's first prefill writes its sources' KV slots
+    (prompt, then each part) into its row; nothing is copied."""
+    plan = getattr(req, "_sgl_join", None)
+    if plan is None or req.kv.holds_kv:
+        return original(batch, req)
+    return plan.kv_indices(batch.tree_cache)
+
+
+def shift_joined_positions(result, cls, batch, model_runner, **kwargs):
+    """AFTER ForwardBatch.init_new: positions of an "after_longest" join continue after the longest
+    part, while its KV slots follow the whole concatenation. The per-row shift is written once per
+    prefill; a decode step gathers it on the device (no host sync, no loop over rows)."""
+    reg = _joins
+    if reg is None:
+        return result
+    if result.forward_mode.is_extend():
+        for req in batch.reqs:
+            plan = getattr(req, "_sgl_join", None)
+            if plan is not None and plan.delta:
+                reg.set_row_delta(req.kv.req_pool_idx, plan.delta, result.positions.device)
+    if reg.delta_rows and result.positions is not None and result.positions.numel():
+        import torch
+
+        delta = reg.position_delta[result.req_pool_indices]
+        if result.forward_mode.is_extend():
+            delta = torch.repeat_interleave(delta, result.extend_seq_lens, output_size=result.positions.numel())
+        result.positions = result.positions - delta
+    return result
+
+
+def release_kv(original, req, tree_cache, *, checkpoint):
+    """AROUND mem_cache.common.release_kv_cache: a finished kept request stays locked in the tree
+    (locked right after SGLang's own checkpoint, before anything can evict it); a join's row loses
+    its position shift, and a finished join lets go of its sources."""
+    plan = getattr(req, "_sgl_join", None)
+    if plan is not None and _joins is not None and req.kv.holds_kv:
+        _joins.clear_row_delta(req.kv.req_pool_idx)
+    out = original(req, tree_cache, checkpoint=checkpoint)
+    if _joins is not None and req.finished():
+        if plan is not None:
+            _joins.finish(req)
+        if checkpoint and (ttl := getattr(req, "_sgl_keep_ttl", None)) is not None:
+            _joins.keep(req, ttl)
+    return out
+
+
+def forget_pins_on_flush(original, scheduler, *args, **kwargs):
+    """AROUND Scheduler.flush_cache: a flush resets the tree (only when idle); kept sources go with it."""
+    success = original(scheduler, *args, **kwargs)
+    if success and _joins is not None:
+        _joins.forget_all()
+    return success
 
 
 def add_to_queue(original, scheduler, req, is_retracted=False):
@@ -101,9 +195,12 @@ def add_to_queue(original, scheduler, req, is_retracted=False):
 
 def poll_group_timeouts(result, scheduler):
     """AFTER Scheduler._poll_timeout_aborts (run by one rank, whose aborts SGLang broadcasts to
-    all): groups still incomplete after the timeout are aborted like SGLang's own timeouts."""
+    all): groups still incomplete after the timeout are aborted like SGLang's own timeouts, and
+    kept sources past their TTL are released the same way."""
     if _registry is not None and _registry.groups:
         result = [*result, *_registry.timeout_aborts()]
+    if _joins is not None and _joins.kept:
+        result = [*result, *_joins.expiry_aborts()]
     return result
 
 
@@ -171,7 +268,12 @@ def retract(original, batch, *args, **kwargs):
 
 def abort(original, scheduler, recv_req):
     """AROUND Scheduler.abort_request: an abort of one member ends its whole group. SGLang matches
-    rids by prefix; members are matched exactly, so they are out of its reach during the call."""
+    rids by prefix; members are matched exactly, so they are out of its reach during the call.
+    An abort aimed at a kept source's expiry releases it on this rank and reaches no request."""
+    if isinstance(recv_req.rid, str) and recv_req.rid.startswith(join.EXPIRE_RID):
+        if _joins is not None:
+            _joins.on_expiry(recv_req.rid[len(join.EXPIRE_RID):])
+        return None
     reg = _registry
     if reg is None:
         return original(scheduler, recv_req)
@@ -200,6 +302,11 @@ HOOKS = [
     ("sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", "AROUND", retract),
     ("sglang.srt.managers.scheduler.Scheduler.abort_request", "AROUND", abort),
     ("sglang.srt.managers.scheduler.Scheduler._poll_timeout_aborts", "AFTER", poll_group_timeouts),
+    ("sglang.srt.managers.scheduler.Scheduler.flush_cache", "AROUND", forget_pins_on_flush),
+    ("sglang.srt.managers.schedule_batch.Req.init_next_round_input", "AROUND", claim_joined_prefix),
+    ("sglang.srt.mem_cache.allocation._prefix_kv_indices", "AROUND", joined_prefix_indices),
+    ("sglang.srt.mem_cache.common.release_kv_cache", "AROUND", release_kv),
+    ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "AFTER", shift_joined_positions),
     ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_from_schedule_batch", "AROUND", sampling.on_new_info),
     ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_filter_batch", "AROUND", sampling.on_filter),
     ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_merge_batch", "AROUND", sampling.on_merge),
