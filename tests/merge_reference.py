@@ -74,3 +74,41 @@ def own_choice_agreement(model, contexts, produced) -> list[tuple[float, float]]
                 sure += int(int(top.indices[0]) == token)
         bounds.append((sure / len(produced), (sure + near_tie) / len(produced)))
     return bounds
+
+
+@torch.no_grad()
+def check_joined_greedy(model, sources, prompt_len, continuation, produced, positions="after_longest"):
+    """Replay `produced` (a joined request's greedy tokens) against Hugging Face `past_key_values`
+    concatenated as the join defines: source 0's KV of the shared prompt, then every source's KV from
+    `prompt_len` on (each computed by a plain forward of that source alone), then the continuation
+    at positions after prompt + the longest part ("after_longest") or after the whole concatenation
+    ("sequential"). Each produced token must be the reference argmax, up to near-ties."""
+    from transformers import DynamicCache
+
+    caches = [model(torch.tensor([s]), use_cache=True).past_key_values for s in sources]
+    parts = [len(s) - prompt_len for s in sources]
+    joined = DynamicCache()
+    for layer in range(len(caches[0].layers)):
+        keys = [caches[0].layers[layer].keys[:, :, :prompt_len], *(c.layers[layer].keys[:, :, prompt_len:] for c in caches)]
+        values = [caches[0].layers[layer].values[:, :, :prompt_len],
+                  *(c.layers[layer].values[:, :, prompt_len:] for c in caches)]
+        joined.update(torch.cat(keys, 2), torch.cat(values, 2), layer)
+    kv_len = prompt_len + sum(parts)
+    position = prompt_len + (max(parts) if positions == "after_longest" else sum(parts))
+    feed = list(continuation)
+    for step, token in enumerate(produced):
+        logits = model(torch.tensor([feed]), past_key_values=joined, use_cache=True,
+                       position_ids=torch.arange(position, position + len(feed))[None],
+                       attention_mask=torch.ones(1, kv_len + len(feed), dtype=torch.long)).logits[0, -1].double()
+        kv_len, position = kv_len + len(feed), position + len(feed)
+        best = int(logits.argmax())
+        if token != best:
+            gap = float(logits[best] - logits[token])
+            assert gap < TIE_TOLERANCE, f"step {step}: server chose {token}, reference argmax {best} (gap {gap:.3g})"
+        feed = [token]
+    return len(produced)
+
+
+def check_plain_greedy(model, ids, produced):
+    """Replay a plain request's greedy tokens against a from-scratch forward of `ids` + the tokens so far."""
+    return check_merged_greedy(model, [list(ids)], produced, "logits")

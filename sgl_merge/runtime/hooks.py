@@ -44,7 +44,7 @@ def _asks_to_merge(req) -> bool:
 def verify_request(result, params, vocab_size):
     """AFTER SamplingParams.verify: a malformed sgl_merge entry is a 400 naming the field."""
     spec = parse_member_spec(params.custom_params)
-    join.verify(params.custom_params)
+    join.verify(params)
     if spec is not None and params.beam_width not in (None, 1):
         raise MergeSpecError("sampling_params.beam_width cannot be combined with "
                              "sampling_params.custom_params.sgl_merge: beam search cannot keep members in lockstep")

@@ -116,10 +116,12 @@ def parse_join(custom_params) -> JoinSpec | None:
     return JoinSpec(tuple(sources), prompt_len, positions, release)
 
 
-def verify(custom_params) -> None:
-    """Tokenizer-side validation of both fields (a 400 naming the field)."""
-    parse_keep(custom_params)
-    parse_join(custom_params)
+def verify(params) -> None:
+    """Tokenizer-side validation of both fields of a SamplingParams (a 400 naming the field)."""
+    parse_keep(params.custom_params)
+    if parse_join(params.custom_params) is not None and (params.n or 1) > 1:
+        raise MergeSpecError(f"sampling_params.n = {params.n} cannot be combined with {JOIN_PREFIX}: send n join "
+                             "requests (each one a join of the same sources, with release_sources false)")
 
 
 # ------------------------------------------------------------------ the scheduler's state
@@ -192,6 +194,9 @@ class JoinRegistry:
             return "speculative decoding is on (--speculative-algorithm)"
         if getattr(args, "enable_hierarchical_cache", False) or getattr(args, "disaggregation_mode", "null") != "null":
             return "hierarchical cache or prefill/decode disaggregation is on"
+        if (getattr(args, "dp_size", 1) or 1) > 1:
+            return (f"--dp-size {args.dp_size}: each data-parallel rank has its own cache, and a join's sources may "
+                    "have gone to another rank (run the join on a --dp-size 1 server, or scale with the gateway)")
         return None
 
     def keep(self, req, ttl_s: float) -> None:
@@ -276,6 +281,13 @@ class JoinRegistry:
                 return (f"{JOIN_PREFIX}.sources[{i}] = {spec.sources[i]!r} does not share the first {p} tokens "
                         f"(prompt_len) with sources[0]: they differ at token {at}")
         part_lens = [len(s.tokens) - p for s in sources]
+        total = p + sum(part_lens) + len(req.origin_input_ids)
+        limit = self.scheduler.max_req_input_len
+        if total >= limit:
+            return (f"{JOIN_PREFIX}: prompt ({p}) + the sources' parts ({sum(part_lens)}: "
+                    + ", ".join(f"{rid!r} {n}" for rid, n in zip(spec.sources, part_lens))
+                    + f") + this request's {len(req.origin_input_ids)} tokens = {total} tokens, more than this "
+                    f"server's longest input ({limit - 1}): join fewer or shorter sources")
         delta = sum(part_lens) - max(part_lens) if spec.positions == "after_longest" else 0
         return Join(sources, p, part_lens, delta, spec.release_sources)
 

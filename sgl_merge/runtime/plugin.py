@@ -29,9 +29,17 @@ def status() -> dict:
 
 
 def _report_status(result, controller, *args, **kwargs):
-    """AFTER hook on the scheduler's internal-state readback: add the plugin's status and the
-    largest merge group this scheduler can run (the HTTP routes check `think_merge.k` against it)."""
-    result.internal_state["sgl_merge"] = {**status(), "max_group_size": controller.scheduler.max_running_requests}
+    """AFTER hook on the scheduler's internal-state readback: add the plugin's status, the
+    largest merge group this scheduler can run (the HTTP routes check `think_merge.k` against it),
+    the requests kept for a KV join and the radix-cache tokens locked now (what a leak would show)."""
+    from sgl_merge.runtime import hooks
+
+    scheduler = controller.scheduler
+    result.internal_state["sgl_merge"] = {
+        **status(), "max_group_size": scheduler.max_running_requests,
+        "kept_sources": sorted(hooks._joins.kept) if hooks._joins is not None else [],
+        "locked_cache_tokens": scheduler.tree_cache.protected_size(),
+    }
     return result
 
 
