@@ -7,6 +7,13 @@ merged distribution and committed to every branch.
 
 __version__ = "0.1.0"
 
-from sgl_merge.frontend import MergeError, merge_gen, merge_gen_stream, think_merge, vote  # noqa: E402
+from sgl_merge.frontend import (  # noqa: E402
+    MergeError,
+    RuntimeEndpoint,
+    merge_gen,
+    merge_gen_stream,
+    think_merge,
+    vote,
+)
 
-__all__ = ["MergeError", "__version__", "merge_gen", "merge_gen_stream", "think_merge", "vote"]
+__all__ = ["MergeError", "RuntimeEndpoint", "__version__", "merge_gen", "merge_gen_stream", "think_merge", "vote"]

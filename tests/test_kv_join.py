@@ -222,3 +222,68 @@ def test_join_with_n_or_with_merging_is_refused(server):
         "max_new_tokens": 2, "custom_params": {"sgl_merge_join": {"sources": ["a"]},
                                                "sgl_merge": {"group": "g", "size": 2}}}})
     assert r.status_code == 400 and "cannot be combined with custom_params.sgl_merge" in r.text, r.text
+
+
+# ------------------------------------------------------------------ SGLang's frontend
+
+STATEMENTS = ["Ethan is the father of Liam.", "Noah is the father of Julian.", "Oliver is the father of Carlos."]
+PREFIX = "USER: Please memorize these statements.\n"
+QUESTION = "Question: Who is the father of Julian?\nASSISTANT:"
+
+
+def _parallel_encoding():
+    import sglang as sgl
+
+    @sgl.function
+    def parallel_encoding(s, statements):
+        s += PREFIX
+        forks = s.fork(len(statements))
+        forks += lambda i: f"Statement {i}: {statements[i]}\n"
+        forks.join(mode="concate_and_append")
+        s += QUESTION + sgl.gen("answer", max_tokens=10, temperature=0, ignore_eos=True, return_logprob=True)
+
+    return parallel_encoding
+
+
+def server_ids(server, text: str) -> list[int]:
+    """The server's own tokenization of a prompt text (what the frontend's requests are)."""
+    r = requests.post(f"{server.url}/tokenize", json={"prompt": text}, timeout=30)
+    r.raise_for_status()
+    return r.json()["tokens"]
+
+
+def _answer_ids(state) -> list[int]:
+    return [t[1] for t in state.get_meta_info("answer")["output_token_logprobs"]]
+
+
+def test_sglangs_parallel_encoding_program_completes_on_sgl_merge_serve(server):
+    """SGLang's own test program (it hangs on a stock 0.5.23 server: no /concate_and_append_request)."""
+    import sglang as sgl
+    from sglang.test.test_programs import test_parallel_encoding
+
+    sgl.set_default_backend(sgl.RuntimeEndpoint(server.url))
+    try:
+        test_parallel_encoding(check_answer=False)  # a tiny random model cannot name Noah
+    finally:
+        sgl.set_default_backend(None)
+    r = requests.post(f"{server.url}/concate_and_append_request", json={"src_rids": "a"}, timeout=10)
+    assert r.status_code == 400 and "src_rids must be a non-empty list" in r.text
+
+
+@pytest.mark.parametrize("positions", ["after_longest", "sequential"])
+def test_forks_join_concate_and_append_is_a_kv_join_with_sgl_merge_runtime_endpoint(server, hf_model, positions):
+    import sglang as sgl
+
+    import sgl_merge
+
+    program = _parallel_encoding()
+    state = program.run(statements=STATEMENTS, backend=sgl_merge.RuntimeEndpoint(server.url, positions=positions))
+    sources = [server_ids(server, PREFIX + f"Statement {i}: {st}\n") for i, st in enumerate(STATEMENTS)]
+    prompt_len = len(server_ids(server, PREFIX))
+    assert all(s[:prompt_len] == sources[0][:prompt_len] for s in sources)
+    assert check_joined_greedy(hf_model, sources, prompt_len, server_ids(server, QUESTION), _answer_ids(state),
+                               positions) == 10
+    wait_released(server, [])  # the forks' KV is released once the program's requests are done
+    # A stock RuntimeEndpoint: the same program joins as text, a plain computation of the joined text.
+    state = program.run(statements=STATEMENTS, backend=sgl.RuntimeEndpoint(server.url))
+    check_plain_greedy(hf_model, server_ids(server, state.text()[: -len(state["answer"])]), _answer_ids(state))

@@ -269,10 +269,11 @@ def retract(original, batch, *args, **kwargs):
 def abort(original, scheduler, recv_req):
     """AROUND Scheduler.abort_request: an abort of one member ends its whole group. SGLang matches
     rids by prefix; members are matched exactly, so they are out of its reach during the call.
-    An abort aimed at a kept source's expiry releases it on this rank and reaches no request."""
-    if isinstance(recv_req.rid, str) and recv_req.rid.startswith(join.EXPIRE_RID):
+    An abort aimed at a kept source (its expiry, or /sgl_merge/release) releases it on this rank and
+    reaches no request."""
+    if isinstance(recv_req.rid, str) and recv_req.rid.startswith(join.RELEASE_RID):
         if _joins is not None:
-            _joins.on_expiry(recv_req.rid[len(join.EXPIRE_RID):])
+            _joins.release(recv_req.rid[len(join.RELEASE_RID):])
         return None
     reg = _registry
     if reg is None:

@@ -27,7 +27,8 @@ sequential.
 Lifecycle: a kept source is a lock on its radix-tree leaf; a join holds it from arrival to finish
 (retraction included); `release_sources` drops the pins when the join finishes; expiry goes
 through SGLang's broadcast abort path so every tensor-parallel rank unlocks the same node in the
-same iteration; `/flush_cache` (only possible when idle) forgets all pins with the tree.
+same iteration, and so does an early release (`POST /sgl_merge/release {"rids": [...]}`);
+`/flush_cache` (only possible when idle) forgets all pins with the tree.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ JOIN_FIELDS = ("sources", "prompt_len", "positions", "release_sources")
 DEFAULT_TTL_S = 300.0
 MAX_TTL_S = 24 * 3600.0
 MAX_SOURCES = 256
-EXPIRE_RID = "sgl-merge-keep-expired:"  # aborts aimed at a kept source, not at a request
+RELEASE_RID = "sgl-merge-release:"  # aborts aimed at a kept source (expiry, /sgl_merge/release), not at a request
 
 
 # ------------------------------------------------------------------ the request contract
@@ -236,12 +237,17 @@ class JoinRegistry:
         for source in self.kept.values():
             if not source.expiring and now > source.deadline and not source.held():
                 source.expiring = True
-                aborts.append(AbortReq(rid=EXPIRE_RID + source.rid))
+                aborts.append(AbortReq(rid=RELEASE_RID + source.rid))
         return aborts
 
-    def on_expiry(self, rid: str) -> None:
+    def release(self, rid: str) -> None:
+        """Let go of a kept source (its expiry, or a client's release): at once, or when the last join
+        reading it finishes."""
         source = self.kept.get(rid)
-        if source is not None and not source.held():
+        if source is None:
+            return
+        source.deadline = 0.0
+        if not source.held():
             self.drop(rid)
 
     def forget_all(self) -> None:
@@ -320,9 +326,7 @@ class JoinRegistry:
         for source in join.sources:
             source.holders.discard(req)
             if join.release_sources and self.kept.get(source.rid) is source:
-                source.deadline = 0.0  # expire at once once no other join holds it
-                if not source.held():
-                    self.drop(source.rid)
+                self.release(source.rid)
 
     # ---------------------------------------------------------------- positions
 

@@ -9,6 +9,7 @@ serve` reads it before it reports the server ready.
 from __future__ import annotations
 
 import logging
+import sys
 
 from sgl_merge import __version__
 from sgl_merge.compat import check_sglang_version
@@ -20,7 +21,10 @@ INTERNAL_STATE_TARGET = (
     "SchedulerInternalStateController.get_internal_state"
 )
 
+TOKENIZER_MANAGER_INIT = "sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__"
+
 _status: dict = {"active": False, "version": __version__}
+_routes_added = False
 
 
 def status() -> dict:
@@ -43,8 +47,22 @@ def _report_status(result, controller, *args, **kwargs):
     return result
 
 
+def _add_routes(result, *args, **kwargs):
+    """AFTER TokenizerManager.__init__, in the HTTP process: serve the KV join's routes on SGLang's app."""
+    global _routes_added
+    http_server = sys.modules.get("sglang.srt.entrypoints.http_server")
+    if http_server is not None and not _routes_added:
+        from sgl_merge.serving.join_routes import add_routes
+
+        add_routes(http_server.app)
+        _routes_added = True
+    return result
+
+
 def load() -> None:
-    """Entry point. Refuses (raises, which SGLang logs) on any SGLang other than the pinned one."""
+    """Entry point. Refuses (raises, which SGLang logs) on any SGLang other than the pinned one.
+    In the HTTP process it also adds the KV join's routes (`sgl_merge.serving.join_routes`), once
+    SGLang's tokenizer manager exists, before the server listens."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     sglang_version = check_sglang_version()
@@ -52,7 +70,8 @@ def load() -> None:
     from sgl_merge.serving.input_guards import HOOKS as GUARD_HOOKS
     from sgl_merge.serving.openai_api import HOOKS as SERVING_HOOKS
 
-    hooks = [(INTERNAL_STATE_TARGET, "AFTER", _report_status), *HOOKS, *SERVING_HOOKS, *GUARD_HOOKS]
+    hooks = [(INTERNAL_STATE_TARGET, "AFTER", _report_status), (TOKENIZER_MANAGER_INIT, "AFTER", _add_routes),
+             *HOOKS, *SERVING_HOOKS, *GUARD_HOOKS]
     for target, kind, fn in hooks:
         HookRegistry.register(target, fn, HookType[kind])
     _status.update(
