@@ -12,8 +12,10 @@ from sgl_merge.frontend import (  # noqa: E402
     RuntimeEndpoint,
     merge_gen,
     merge_gen_stream,
+    parathink,
     think_merge,
     vote,
 )
 
-__all__ = ["MergeError", "RuntimeEndpoint", "__version__", "merge_gen", "merge_gen_stream", "think_merge", "vote"]
+__all__ = ["MergeError", "RuntimeEndpoint", "__version__", "merge_gen", "merge_gen_stream", "parathink", "think_merge",
+           "vote"]

@@ -62,6 +62,7 @@ def build_tiny_model(
     init_std: float = 0.2,
     opens_think: bool = False,
     think_tokens: bool = True,
+    extra_special_tokens: list[str] = (),
 ) -> Path:
     """Write a small random Qwen2 model directory at `path` and return it.
 
@@ -79,7 +80,7 @@ def build_tiny_model(
         tokenizer_object=_build_tokenizer(vocab_size, think_tokens),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=[THINK_OPEN, THINK_CLOSE] if think_tokens else [],
+        additional_special_tokens=([THINK_OPEN, THINK_CLOSE] if think_tokens else []) + list(extra_special_tokens),
     )
     tok.chat_template = CHAT_TEMPLATE.replace("opens_think", "true" if opens_think else "false")
     tok.save_pretrained(path)
@@ -104,6 +105,32 @@ def build_tiny_model(
         model = Qwen2ForCausalLM(config)
     model.save_pretrained(path)
     (path / "sgl_merge_tiny.json").write_text(json.dumps({"seed": seed, "init_std": init_std}))
+    return path
+
+
+def build_tiny_parathinker(path: str | Path, *, paths: int = 4, seed: int = 0, init_std: float = 0.2) -> Path:
+    """A small checkpoint in ParaThinker's layout: the tiny Qwen2 above, its tokenizer with
+    `<think1>`..`<thinkN>`, `</think1>`..`</thinkN>`, `<summary>`, `</summary>`, and per layer
+    `model.layers.{i}.self_attn.seg_embeddings.weight` [max_segments, head_dim] (random, so that
+    segments change the outputs), with `max_segments` in config.json."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sgl_merge.models.parathinker import control_tokens
+
+    controls = [t for t in control_tokens(paths) if t != "<summary>"] + ["<summary>", "</summary>"]
+    path = build_tiny_model(path, seed=seed, init_std=init_std, extra_special_tokens=controls)
+    config = json.loads((path / "config.json").read_text())
+    config["max_segments"] = paths + 1
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    weights_file = path / "model.safetensors"
+    weights = load_file(str(weights_file))
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    generator = torch.Generator().manual_seed(seed + 1)
+    for layer in range(config["num_hidden_layers"]):
+        weights[f"model.layers.{layer}.self_attn.seg_embeddings.weight"] = (
+            torch.randn(paths + 1, head_dim, generator=generator) * init_std)
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
     return path
 
 

@@ -112,3 +112,59 @@ def check_joined_greedy(model, sources, prompt_len, continuation, produced, posi
 def check_plain_greedy(model, ids, produced):
     """Replay a plain request's greedy tokens against a from-scratch forward of `ids` + the tokens so far."""
     return check_merged_greedy(model, [list(ids)], produced, "logits")
+
+
+class ParaThinkerReference:
+    """Hugging Face transformers' Qwen2 on a ParaThinker checkpoint, with its segment embeddings
+    applied as the authors' transformers fork does: E_layer[segment] added to the k_proj and v_proj
+    outputs (before RoPE; one head_dim vector repeated over the KV heads). Call it with token ids,
+    their segments and the usual keyword arguments (position_ids, past_key_values, ...)."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        weights = load_file(str(Path(path) / "model.safetensors"))
+        self.tables = [weights[f"model.layers.{i}.self_attn.seg_embeddings.weight"].float()
+                       for i in range(len(self.model.model.layers))]
+        self.head_dim = self.tables[0].shape[1]
+        vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+        self.opens = {vocab[t]: int(t[6:-1]) for t in vocab if t.startswith("<think") and t[6:-1].isdigit()}
+        self.closes = {vocab[t]: int(t[7:-1]) for t in vocab if t.startswith("</think") and t[7:-1].isdigit()}
+        self.summary = vocab["<summary>"]
+        self._segments = None
+        for i, layer in enumerate(self.model.model.layers):
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.register_forward_hook(lambda _m, _in, out, i=i: out + self.tables[i][self._segments].repeat(
+                    1, 1, out.shape[-1] // self.head_dim))
+
+    def segments(self, ids, state: int = 0) -> list[int]:
+        """Segment of every token: <thinkN> .. </thinkN> are path N, <summary> on is 0 (the prompt's)."""
+        out = []
+        for t in ids:
+            if t in self.opens:
+                state = self.opens[t]
+            elif t == self.summary:
+                state = 0
+            out.append(self.closes.get(t, state))
+        return out
+
+    @torch.no_grad()
+    def __call__(self, ids, segments, **kwargs):
+        self._segments = torch.tensor([segments])
+        return self.model(torch.tensor([ids]), **kwargs)
+
+    @torch.no_grad()
+    def check_greedy(self, ids, produced):
+        """A plain request's greedy tokens against from-scratch forwards with each token's segment."""
+        for step, token in enumerate(produced):
+            seq = list(ids) + list(produced[:step])
+            logits = self(seq, self.segments(seq)).logits[0, -1].double()
+            best = int(logits.argmax())
+            if token != best:
+                gap = float(logits[best] - logits[token])
+                assert gap < TIE_TOLERANCE, f"step {step}: server chose {token}, reference argmax {best} (gap {gap:.3g})"
+        return len(produced)

@@ -287,3 +287,69 @@ def test_forks_join_concate_and_append_is_a_kv_join_with_sgl_merge_runtime_endpo
     # A stock RuntimeEndpoint: the same program joins as text, a plain computation of the joined text.
     state = program.run(statements=STATEMENTS, backend=sgl.RuntimeEndpoint(server.url))
     check_plain_greedy(hf_model, server_ids(server, state.text()[: -len(state["answer"])]), _answer_ids(state))
+
+
+def test_kept_sources_can_be_released_early(server):
+    rids, _ = keep_sources(server, 2)
+    r = requests.post(f"{server.url}/sgl_merge/release", json={"rids": rids}, timeout=10)
+    assert r.status_code == 200 and r.json()["released"] == rids
+    wait_released(server, rids)
+    r = requests.post(f"{server.url}/sgl_merge/release", json={"rids": "x"}, timeout=10)
+    assert r.status_code == 400 and "rids must be a non-empty list" in r.text
+
+
+# ------------------------------------------------------------------ parathink
+
+
+def _parathinker(**opts):
+    import sglang as sgl
+
+    import sgl_merge
+
+    @sgl.function
+    def program(s):
+        s += "Question: what is 12 + 30? Think, then answer.\n"
+        sgl_merge.parathink(s, **opts)
+
+    return program
+
+
+@pytest.mark.parametrize("positions", ["after_longest", "sequential"])
+def test_parathink_summary_reads_every_paths_kv(server, hf_model, positions):
+    import sglang as sgl
+
+    state = _parathinker(paths=3, thinking_budget=24, thinking_temperature=1.0, positions=positions, max_tokens=8,
+                         temperature=0, ignore_eos=True, return_logprob=True).run(backend=sgl.RuntimeEndpoint(server.url))
+    join_meta = state.get_meta_info("answer_join")
+    paths = join_meta["paths"]
+    assert len(paths) == 3 and len(state["answer_thinking"]) == 3 and len({tuple(p) for p in paths}) > 1
+    assert state.get_meta_info("answer_traces") == ["merged"] * 3
+    prompt = server_ids(server, "Question: what is 12 + 30? Think, then answer.\n")
+    assert join_meta["prompt_len"] == len(prompt)
+    close = server_ids(server, "</think>")
+    for path, text in zip(paths, state["answer_thinking"]):
+        assert path[:len(server_ids(server, "<think>\n"))] == server_ids(server, "<think>\n") and path[-1:] == close
+        assert text.startswith("<think>\n") and text.endswith("</think>")
+    meta = state.get_meta_info("answer")
+    assert meta["cached_tokens"] == len(prompt) + sum(len(p) for p in paths)  # no path re-prefilled
+    check_joined_greedy(hf_model, [prompt + p for p in paths], len(prompt), join_meta["continuation"],
+                        join_meta["output_ids"], positions)
+    assert state.text().endswith("\n" + state["answer"])
+    wait_released(server, [])
+
+
+def test_parathink_first_m_of_n_and_bad_arguments(server):
+    import sglang as sgl
+
+    from sgl_merge import MergeError
+
+    state = _parathinker(first=2, n=4, thinking_budget=200, thinking_temperature=1.0, max_tokens=4).run(
+        backend=sgl.RuntimeEndpoint(server.url))
+    outcome = state.get_meta_info("answer_traces")
+    assert outcome.count("merged") == 2 and len(outcome) == 4 and len(state.get_meta_info("answer_join")["paths"]) == 2
+    wait_released(server, [])
+    for opts, named in [(dict(paths=2, positions="diagonal"), "positions must be one of"),
+                        (dict(paths=2, summary_prefix=""), "summary_prefix must be a non-empty text"),
+                        (dict(), "pass paths"), (dict(first=3, n=2), "need 1 <= paths <= n")]:
+        with pytest.raises(MergeError, match=named):
+            _parathinker(**opts).run(backend=sgl.RuntimeEndpoint(server.url))

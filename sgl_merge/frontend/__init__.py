@@ -1,5 +1,6 @@
-"""sgl-merge in the SGLang frontend language: merged generation over forks, and a RuntimeEndpoint
-whose `forks.join("concate_and_append")` joins KV."""
+"""sgl-merge in the SGLang frontend language: merged generation over forks (`merge`), parallel
+thinking with a summary over the paths' KV (`parathink`), and a RuntimeEndpoint whose
+`forks.join("concate_and_append")` joins KV (`endpoint`)."""
 
 from sgl_merge.frontend.endpoint import RuntimeEndpoint
 from sgl_merge.frontend.merge import (
@@ -10,5 +11,7 @@ from sgl_merge.frontend.merge import (
     think_merge,
     vote,
 )
+from sgl_merge.frontend.parathink import parathink
 
-__all__ = ["MergeError", "RuntimeEndpoint", "ensure_merge_server", "merge_gen", "merge_gen_stream", "think_merge", "vote"]
+__all__ = ["MergeError", "RuntimeEndpoint", "ensure_merge_server", "merge_gen", "merge_gen_stream", "parathink",
+           "think_merge", "vote"]

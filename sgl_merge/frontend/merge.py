@@ -261,6 +261,17 @@ class _Trace:
     result: dict | None = None
 
 
+def trace_counts(caller: str, name: str, k: int | None, first: int | None, n: int | None) -> tuple[int, int]:
+    """(traces used, traces launched) from `k` (all of them) or `first` of `n`, checked."""
+    if (k is None) == (first is None):
+        raise MergeError(f"{caller}: pass {name} (wait for all of them) or first=m with n=N (first m of N)")
+    k = k if first is None else first
+    n = k if n is None else n
+    if k < 1 or n < k:
+        raise MergeError(f"{caller}: need 1 <= {name} <= n, got {name}={k}, n={n}")
+    return k, n
+
+
 def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | None = None,
                 name: str = "answer", thinking_budget: int = 2048, thinking_temperature: float = 0.6,
                 think_open: str = DEFAULT_OPEN, think_close: str = DEFAULT_CLOSE, mode: str = "logits",
@@ -280,12 +291,7 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
     `mode="entropy"` with `tau` re-weights the members at every answer token. The confidences (of
     the k traces, in the order they finished), the dropped traces' launch indices, the weights and
     the k traces' generated token ids are in `s.get_meta_info(name + "_confidence")`."""
-    if (k is None) == (first is None):
-        raise MergeError("think_merge: pass k (wait for all k traces) or first=k with n=N (first k of N)")
-    k = k if first is None else first
-    n = k if n is None else n
-    if k < 1 or n < k:
-        raise MergeError(f"think_merge: need 1 <= k <= n, got k={k}, n={n}")
+    k, n = trace_counts("think_merge", "k", k, first, n)
     if weighting not in ("uniform", "confidence"):
         raise MergeError(f'think_merge: weighting must be "uniform" or "confidence", got {weighting!r}')
     if keep is not None and not 1 <= keep <= k:

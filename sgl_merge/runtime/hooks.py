@@ -140,6 +140,30 @@ def shift_joined_positions(result, cls, batch, model_runner, **kwargs):
     return result
 
 
+def parathinker_architecture(original, model_config):
+    """AROUND model_loader.utils.get_model_architecture: a Qwen2 checkpoint with ParaThinker's
+    segment embeddings loads as sgl-merge's ParaThinker class (`sgl_merge.models.parathinker`)."""
+    model_cls, arch = original(model_config)
+    if arch == "Qwen2ForCausalLM":
+        from sgl_merge.models import parathinker
+
+        if parathinker.is_parathinker(model_config):
+            return parathinker.model_class(), arch
+    return model_cls, arch
+
+
+def init_segment_rows(result, cls, batch, model_runner, **kwargs):
+    """AFTER ForwardBatch.init_new: on a ParaThinker model, a prefill sets each row's segment from
+    its cached prefix (the device tracks it from there)."""
+    segments = getattr(model_runner.model, "sgl_segments", None)
+    if segments is not None and result.forward_mode.is_extend() and batch.reqs:
+        if model_runner.req_to_token_pool.req_to_token.shape[0] > segments.rows.shape[0]:
+            raise RuntimeError("sgl-merge: the request pool is larger than the ParaThinker segment state covers; "
+                               "lower --max-running-requests")
+        segments.init_rows(batch.reqs, result)
+    return result
+
+
 def release_kv(original, req, tree_cache, *, checkpoint):
     """AROUND mem_cache.common.release_kv_cache: a finished kept request stays locked in the tree
     (locked right after SGLang's own checkpoint, before anything can evict it); a join's row loses
@@ -308,6 +332,8 @@ HOOKS = [
     ("sglang.srt.mem_cache.allocation._prefix_kv_indices", "AROUND", joined_prefix_indices),
     ("sglang.srt.mem_cache.common.release_kv_cache", "AROUND", release_kv),
     ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "AFTER", shift_joined_positions),
+    ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "AFTER", init_segment_rows),
+    ("sglang.srt.model_loader.utils.get_model_architecture", "AROUND", parathinker_architecture),
     ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_from_schedule_batch", "AROUND", sampling.on_new_info),
     ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_filter_batch", "AROUND", sampling.on_filter),
     ("sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_merge_batch", "AROUND", sampling.on_merge),

@@ -1,0 +1,101 @@
+"""ParaThinker-style native parallel thinking in SGLang programs: paths, then one summary that reads
+every path's KV (the KV join, `sgl_merge.runtime.join`), with no re-prefill of the paths.
+
+    answer = sgl_merge.parathink(s, paths=4, thinking_budget=2048, max_tokens=256)
+
+Each path thinks on its own from the prompt (`<think>` ... `</think>`); the summary then continues
+after prompt + path 1 + ... + path P, each path's KV as it was computed (attending to the prompt and
+to itself only), its positions after the longest path (ParaThinker's convention; `positions=
+"sequential"` for after the whole concatenation). On a model trained for it (ParaThinker) that is
+the method; on any other model it is a join of plain traces with `</think>` delimiters, which is how
+to compare it with ThinkMerge (`think_merge`) on your model.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import requests
+
+from sgl_merge.frontend.merge import (
+    DEFAULT_CLOSE,
+    DEFAULT_OPEN,
+    ROUTING_HEADER,
+    MergeError,
+    _append,
+    _backend_url,
+    _context,
+    _post,
+    _sampling,
+    _think,
+    _tokenize,
+    ensure_merge_server,
+    trace_counts,
+)
+from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS
+
+
+def parathink(s, paths: int | None = None, *, first: int | None = None, n: int | None = None,
+              name: str = "answer", thinking_budget: int = 2048, thinking_temperature: float = 0.6,
+              think_open: str = DEFAULT_OPEN, think_close: str = DEFAULT_CLOSE,
+              positions: str = "after_longest", summary_prefix: str = "\n", **summary_sampling) -> str:
+    """Think along `paths` independent paths from state `s`, then write one summary over all of
+    them (sampling arguments as `sgl.gen`), appended to `s` and returned. `first=m, n=N` launches N
+    paths and summarises as soon as the first m finish (the others are aborted). Each path is
+    `think_open` + its thinking + `think_close` (closed if it ran out of `thinking_budget`; when the
+    prompt already ends with `think_open`, paths are the thinking + `think_close`); the summary
+    starts with `summary_prefix` (at least one token: the join prefills it).
+
+    The paths' texts are in `s[name + "_thinking"]`, what became of every launched path in
+    `s.get_meta_info(name + "_traces")`, and the join itself (prompt length, each path's token ids,
+    the summary prefix's ids, the positions, the summary's ids) in `s.get_meta_info(name + "_join")`."""
+    k, n = trace_counts("parathink", "paths", paths, first, n)
+    if positions not in POSITIONS:
+        raise MergeError(f"parathink: positions must be one of {list(POSITIONS)}, got {positions!r}")
+    if not summary_prefix:
+        raise MergeError('parathink: summary_prefix must be a non-empty text (the summary\'s first tokens, "\\n" '
+                         "by default)")
+    sampling = _sampling(summary_sampling)
+    ex = s.stream_executor
+    ex.sync()
+    url = _backend_url([s])
+    ensure_merge_server(url)
+    key = uuid.uuid4().hex  # one routing key: the paths and the summary share a worker's cache
+    prompt_ids = _context(url, ex, key)
+    opened = ex.text_.rstrip().endswith(think_open)
+    open_ids = [] if opened else _tokenize(url, think_open + "\n", key)
+    close_ids = _tokenize(url, think_close, key)
+    traces, outcome, _ = _think(url, key, prompt_ids + open_ids, n, k, thinking_budget, thinking_temperature,
+                                think_close, close_ids)
+    path_ids, texts = [], []
+    for trace in traces:
+        ids, text = list(trace["output_ids"]), trace["text"]
+        if ids[-len(close_ids):] != close_ids and not text.rstrip().endswith(think_close):
+            ids, text = ids + close_ids, text + think_close  # out of budget: closed here
+        path_ids.append(open_ids + ids)
+        texts.append(("" if opened else think_open + "\n") + text)
+    # Keep each whole path, its closing token included (the trace's own KV lacks its last sampled
+    # token): a prefill of that token, the rest is in the radix cache from the trace.
+    sources = []
+    try:
+        for ids in path_ids:
+            rid = f"parathink-{uuid.uuid4().hex}"
+            _post(url, {"input_ids": prompt_ids + ids, "rid": rid,
+                        "sampling_params": {"max_new_tokens": 0, "custom_params": {KEEP_KEY: True}}}, key)
+            sources.append(rid)
+        continuation = _tokenize(url, summary_prefix, key)
+        join = {"sources": sources, "prompt_len": len(prompt_ids), "positions": positions, "release_sources": True}
+        sampling["custom_params"] = {**(sampling.get("custom_params") or {}), JOIN_KEY: join}
+        out = _post(url, {"input_ids": continuation, "sampling_params": sampling}, key)
+    except MergeError:
+        if sources:  # the join never ran: let go of what was kept for it
+            requests.post(f"{url}/sgl_merge/release", json={"rids": sources}, headers={ROUTING_HEADER: key},
+                          timeout=30)
+        raise
+    ex.meta_info[f"{name}_traces"] = outcome
+    ex.meta_info[f"{name}_join"] = {"prompt_len": len(prompt_ids), "paths": path_ids, "continuation": continuation,
+                                    "positions": positions, "output_ids": out["output_ids"]}
+    ex.variables[f"{name}_thinking"] = texts
+    _append(ex, name, summary_prefix + out["text"], out["meta_info"])
+    ex.variables[name] = out["text"]
+    return out["text"]

@@ -1,0 +1,1 @@
+"""Model classes the plugin adds to SGLang (registered by `sgl_merge.runtime.hooks`)."""
