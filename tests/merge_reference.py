@@ -82,11 +82,13 @@ def check_joined_greedy(model, sources, prompt_len, continuation, produced, posi
     concatenated as the join defines: source 0's KV of the shared prompt, then every source's KV from
     `prompt_len` on (each computed by a plain forward of that source alone), then the continuation
     at positions after prompt + the longest part ("after_longest") or after the whole concatenation
-    ("sequential"). Each produced token must be the reference argmax, up to near-ties."""
+    ("sequential"). Each produced token must be the reference argmax, up to near-ties. `model` is a
+    transformers model or a ParaThinkerReference (each token then in the segment its sequence gives it)."""
     from transformers import DynamicCache
 
-    caches = [model(torch.tensor([s]), use_cache=True).past_key_values for s in sources]
+    caches = [_forward(model, s, [], use_cache=True).past_key_values for s in sources]
     parts = [len(s) - prompt_len for s in sources]
+    context = list(sources[0][:prompt_len]) + [t for s in sources for t in s[prompt_len:]]
     joined = DynamicCache()
     for layer in range(len(caches[0].layers)):
         keys = [caches[0].layers[layer].keys[:, :, :prompt_len], *(c.layers[layer].keys[:, :, prompt_len:] for c in caches)]
@@ -97,16 +99,23 @@ def check_joined_greedy(model, sources, prompt_len, continuation, produced, posi
     position = prompt_len + (max(parts) if positions == "after_longest" else sum(parts))
     feed = list(continuation)
     for step, token in enumerate(produced):
-        logits = model(torch.tensor([feed]), past_key_values=joined, use_cache=True,
-                       position_ids=torch.arange(position, position + len(feed))[None],
-                       attention_mask=torch.ones(1, kv_len + len(feed), dtype=torch.long)).logits[0, -1].double()
-        kv_len, position = kv_len + len(feed), position + len(feed)
+        logits = _forward(model, feed, context, past_key_values=joined, use_cache=True,
+                          position_ids=torch.arange(position, position + len(feed))[None],
+                          attention_mask=torch.ones(1, kv_len + len(feed), dtype=torch.long)).logits[0, -1].double()
+        kv_len, position, context = kv_len + len(feed), position + len(feed), context + feed
         best = int(logits.argmax())
         if token != best:
             gap = float(logits[best] - logits[token])
             assert gap < TIE_TOLERANCE, f"step {step}: server chose {token}, reference argmax {best} (gap {gap:.3g})"
         feed = [token]
     return len(produced)
+
+
+def _forward(model, ids, context, **kwargs):
+    """One forward of `ids` after `context` (the tokens before them, for a ParaThinker's segments)."""
+    if isinstance(model, ParaThinkerReference):
+        return model(ids, model.segments(list(context) + list(ids))[len(context):], **kwargs)
+    return model(torch.tensor([ids]), **kwargs)
 
 
 def check_plain_greedy(model, ids, produced):
@@ -127,6 +136,7 @@ class ParaThinkerReference:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # without segments
         weights = load_file(str(Path(path) / "model.safetensors"))
         self.tables = [weights[f"model.layers.{i}.self_attn.seg_embeddings.weight"].float()
                        for i in range(len(self.model.model.layers))]

@@ -319,7 +319,7 @@ def test_parathink_summary_reads_every_paths_kv(server, hf_model, positions):
     import sglang as sgl
 
     state = _parathinker(paths=3, thinking_budget=24, thinking_temperature=1.0, positions=positions, max_tokens=8,
-                         temperature=0, ignore_eos=True, return_logprob=True).run(backend=sgl.RuntimeEndpoint(server.url))
+                         temperature=0, ignore_eos=True).run(backend=sgl.RuntimeEndpoint(server.url))
     join_meta = state.get_meta_info("answer_join")
     paths = join_meta["paths"]
     assert len(paths) == 3 and len(state["answer_thinking"]) == 3 and len({tuple(p) for p in paths}) > 1

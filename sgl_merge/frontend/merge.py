@@ -306,8 +306,8 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
     key = uuid.uuid4().hex  # one routing key for the call: its traces and merge share a worker's cache
     prompt_ids = _context(url, ex, key)
     close_ids = _tokenize(url, think_close, key)
-    traces, outcome, launched = _think(url, key, prompt_ids, n, k, thinking_budget, thinking_temperature,
-                                       think_close, close_ids)
+    traces, outcome, launched = _think(url, key, [prompt_ids] * n, k, thinking_budget, thinking_temperature,
+                                       [(think_close, close_ids)] * n)
     generated = [list(t["output_ids"]) for t in traces]  # what confidence scores: not a closing </think>
     for trace in traces:
         ids = trace["output_ids"]
@@ -351,24 +351,31 @@ def _confidences(url: str, key: str, prompt_ids: list[int], ids: list[list[int]]
     return confidence.scored_confidences(_post(url, confidence.scoring_request(prompt_ids, ids), key), ids, window)
 
 
-def _think(url, key, prompt_ids, n, k, budget, temperature, think_close, close_ids) \
-        -> tuple[list[dict], list[str], list[int]]:
-    """Run n thinking traces concurrently, each stopping at `think_close`; return the first k to
-    finish (ending the rest), each launched trace's outcome, and the launch index of each returned. Traces stream, so one that is no
-    longer needed ends when its stream is closed (SGLang aborts a request whose client left), also
-    where `/abort_request` is not served."""
-    traces = [_Trace(rid=f"think-{uuid.uuid4().hex}") for _ in range(n)]
-    done: list[_Trace] = []
-    cond = threading.Condition()
-    enough = threading.Event()
+def _think_params(budget, temperature, think_close, close_ids) -> dict:
     params = {"max_new_tokens": budget, "temperature": temperature, "skip_special_tokens": False}
     if len(close_ids) == 1:
         params["stop_token_ids"] = close_ids
     else:  # a delimiter of several tokens stops as text, kept in the trace like a stop token
         params.update(stop=[think_close], no_stop_trim=True)
+    return params
+
+
+def _think(url, key, prompts, k, budget, temperature, closes) -> tuple[list[dict], list[str], list[int]]:
+    """Run one thinking trace per prompt concurrently (`prompts[i]` ids, stopping at `closes[i]`, a
+    (text, ids) pair); return the first k to finish (ending the rest), each launched trace's
+    outcome, and the launch index of each returned. Traces stream, so one that is no longer needed
+    ends when its stream is closed (SGLang aborts a request whose client left), also where
+    `/abort_request` is not served."""
+    n = len(prompts)
+    traces = [_Trace(rid=f"think-{uuid.uuid4().hex}") for _ in range(n)]
+    done: list[_Trace] = []
+    cond = threading.Condition()
+    enough = threading.Event()
 
     def run(trace):
-        body = {"input_ids": prompt_ids, "sampling_params": params, "rid": trace.rid, "stream": True}
+        i = traces.index(trace)
+        body = {"input_ids": prompts[i], "sampling_params": _think_params(budget, temperature, *closes[i]),
+                "rid": trace.rid, "stream": True}
         try:
             trace.result = _stream_until(url, body, key, enough)
         except (MergeError, requests.RequestException) as e:

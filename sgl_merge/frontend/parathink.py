@@ -42,9 +42,11 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     """Think along `paths` independent paths from state `s`, then write one summary over all of
     them (sampling arguments as `sgl.gen`), appended to `s` and returned. `first=m, n=N` launches N
     paths and summarises as soon as the first m finish (the others are aborted). Each path is
-    `think_open` + its thinking + `think_close` (closed if it ran out of `thinking_budget`; when the
-    prompt already ends with `think_open`, paths are the thinking + `think_close`); the summary
-    starts with `summary_prefix` (at least one token: the join prefills it).
+    `think_open` + a newline + its thinking + `think_close` (closed if it ran out of
+    `thinking_budget`; when the prompt already ends with `think_open`, paths are the thinking +
+    `think_close`); the summary starts with `summary_prefix` (at least one token: the join
+    prefills it). Delimiters with "{i}" number the paths from 1 with no newline, as a ParaThinker
+    checkpoint wants: `think_open="<think{i}>", think_close="</think{i}>", summary_prefix="<summary>"`.
 
     The paths' texts are in `s[name + "_thinking"]`, what became of every launched path in
     `s.get_meta_info(name + "_traces")`, and the join itself (prompt length, each path's token ids,
@@ -52,6 +54,9 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     k, n = trace_counts("parathink", "paths", paths, first, n)
     if positions not in POSITIONS:
         raise MergeError(f"parathink: positions must be one of {list(POSITIONS)}, got {positions!r}")
+    if ("{i}" in think_open) != ("{i}" in think_close):
+        raise MergeError(f"parathink: think_open {think_open!r} and think_close {think_close!r} must both number the "
+                         'path with "{i}" (ParaThinker: "<think{i}>", "</think{i}>") or neither')
     if not summary_prefix:
         raise MergeError('parathink: summary_prefix must be a non-empty text (the summary\'s first tokens, "\\n" '
                          "by default)")
@@ -62,18 +67,28 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     ensure_merge_server(url)
     key = uuid.uuid4().hex  # one routing key: the paths and the summary share a worker's cache
     prompt_ids = _context(url, ex, key)
-    opened = ex.text_.rstrip().endswith(think_open)
-    open_ids = [] if opened else _tokenize(url, think_open + "\n", key)
-    close_ids = _tokenize(url, think_close, key)
-    traces, outcome, _ = _think(url, key, prompt_ids + open_ids, n, k, thinking_budget, thinking_temperature,
-                                think_close, close_ids)
+    numbered = "{i}" in think_open
+    if numbered:  # ParaThinker's <think1> .. </think1>, <think2> ...: path i's own control tokens
+        opens = [think_open.format(i=i + 1) for i in range(n)]
+        closes = [think_close.format(i=i + 1) for i in range(n)]
+    else:
+        opened = ex.text_.rstrip().endswith(think_open)
+        opens, closes = ["" if opened else think_open + "\n"] * n, [think_close] * n
+    open_ids = [_tokenize(url, o, key) if o else [] for o in opens]
+    close_ids = [_tokenize(url, c, key) for c in closes]
+    traces, outcome, launched = _think(url, key, [prompt_ids + o for o in open_ids], k, thinking_budget,
+                                       thinking_temperature, list(zip(closes, close_ids)))
     path_ids, texts = [], []
-    for trace in traces:
+    for trace, i in zip(traces, launched):
         ids, text = list(trace["output_ids"]), trace["text"]
-        if ids[-len(close_ids):] != close_ids and not text.rstrip().endswith(think_close):
-            ids, text = ids + close_ids, text + think_close  # out of budget: closed here
-        path_ids.append(open_ids + ids)
-        texts.append(("" if opened else think_open + "\n") + text)
+        think_close, close = closes[i], close_ids[i]
+        closed_text = text.rstrip().endswith(think_close)
+        if ids[-len(close):] != close and not closed_text:
+            ids = ids + close  # out of budget: closed here
+        if not closed_text:  # SGLang's text leaves out a stop token
+            text += think_close
+        path_ids.append(open_ids[i] + ids)
+        texts.append(opens[i] + text)
     # Keep each whole path, its closing token included (the trace's own KV lacks its last sampled
     # token): a prefill of that token, the rest is in the radix cache from the trace.
     sources = []

@@ -1,0 +1,115 @@
+"""ParaThinker checkpoints on a real server: a small checkpoint in the authors' layout (per-layer
+`self_attn.seg_embeddings`, `<thinkN>` / `</thinkN>` / `<summary>` tokens) built by the tests,
+compared with a Hugging Face-side implementation of the same layout (`ParaThinkerReference`)."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from conftest import TEST_SERVER_FLAGS
+from merge_reference import ParaThinkerReference, check_joined_greedy, check_merged_greedy
+from sgl_merge.testing import ServeProcess, build_tiny_parathinker, free_port
+
+PROMPT = [5, 17, 33, 40, 41]
+
+
+@pytest.fixture(scope="module")
+def parathinker(tmp_path_factory):
+    return build_tiny_parathinker(tmp_path_factory.mktemp("parathinker"), paths=4)
+
+
+@pytest.fixture(scope="module")
+def pt_server(parathinker, tmp_path_factory):
+    log = tmp_path_factory.mktemp("parathinker-server") / "server.log"
+    with ServeProcess(["--model-path", str(parathinker), "--port", str(free_port()), *TEST_SERVER_FLAGS],
+                      log_path=log) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def ref(parathinker):
+    return ParaThinkerReference(parathinker)
+
+
+def generate(server, ids, steps=10, **custom):
+    sampling = {"max_new_tokens": steps, "temperature": 0, "ignore_eos": True}
+    if custom:
+        sampling["custom_params"] = custom
+    r = requests.post(f"{server.url}/generate", json={"input_ids": ids, "sampling_params": sampling}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def path(ref, n, body):
+    opens = {v: k for k, v in ref.opens.items()}
+    closes = {v: k for k, v in ref.closes.items()}
+    return [opens[n], *body, closes[n]]
+
+
+def test_segments_follow_the_tokens_and_outputs_equal_the_reference(pt_server, ref):
+    """Prompt, paths and summary in one sequence (prefill), then decoding in segment 0, and a
+    sequence that ends inside a path (decoding in that path's segment); the segment embeddings
+    must matter: a plain Qwen2 on the same weights decodes otherwise."""
+    cases = [PROMPT + [60, 61],
+             PROMPT + path(ref, 1, [60, 61]) + path(ref, 2, [70]) + [ref.summary, 80],
+             PROMPT + [{v: k for k, v in ref.opens.items()}[3], 90, 91]]
+    differs = False
+    for ids in cases:
+        out = generate(pt_server, ids)["output_ids"]
+        assert ref.check_greedy(ids, out) == 10
+        try:
+            check_merged_greedy(ref.plain, [ids], out, "logits")
+        except AssertionError:
+            differs = True
+    assert differs, "segment embeddings changed no output: the test proves nothing"
+
+
+@pytest.mark.parametrize("positions", ["after_longest", "sequential"])
+def test_a_summary_joined_over_paths_equals_the_reference(pt_server, ref, positions):
+    """ParaThinker's summary: every path from prompt + <thinkN> (positions from the prompt's
+    length), kept, then <summary> joined over all of them."""
+    rids, sources = [], []
+    for n, (body, steps) in enumerate([([60], 6), ([70, 71], 9), ([80], 3)], start=1):
+        ids = PROMPT + path(ref, n, body)[:-1]
+        out = generate(pt_server, ids, steps)["output_ids"]
+        kept = ids + out + [path(ref, n, [])[-1]]  # the path, closed
+        rid = f"pt-{positions}-{n}"
+        r = requests.post(f"{pt_server.url}/generate", timeout=60, json={"input_ids": kept, "rid": rid,
+                          "sampling_params": {"max_new_tokens": 0, "custom_params": {"sgl_merge_keep": True}}})
+        assert r.status_code == 200, r.text
+        rids.append(rid)
+        sources.append(kept)
+    out = generate(pt_server, [ref.summary, 90], 10,
+                   sgl_merge_join={"sources": rids, "prompt_len": len(PROMPT), "positions": positions})
+    assert check_joined_greedy(ref, sources, len(PROMPT), [ref.summary, 90], out["output_ids"], positions) == 10
+    # The joined sequence sent plainly is an ordinary sequential computation.
+    joined = PROMPT + [t for s in sources for t in s[len(PROMPT):]] + [ref.summary, 90]
+    assert ref.check_greedy(joined, generate(pt_server, joined, 6)["output_ids"]) == 6
+
+
+def test_parathink_with_numbered_paths(pt_server, ref):
+    import sglang as sgl
+
+    import sgl_merge
+
+    @sgl.function
+    def program(s):
+        s += "Question: 12 + 30?\n"
+        sgl_merge.parathink(s, paths=3, think_open="<think{i}>", think_close="</think{i}>", summary_prefix="<summary>",
+                            thinking_budget=12, thinking_temperature=1.0, max_tokens=6, temperature=0, ignore_eos=True)
+
+    state = program.run(backend=sgl.RuntimeEndpoint(pt_server.url))
+    join = state.get_meta_info("answer_join")
+    numbers = []
+    for ids, text in zip(join["paths"], state["answer_thinking"]):  # in the order they finished
+        n = ref.opens[ids[0]]
+        assert ref.closes.get(ids[-1]) == n and text.startswith(f"<think{n}>") and text.endswith(f"</think{n}>")
+        numbers.append(n)
+    assert sorted(numbers) == [1, 2, 3]
+    assert join["continuation"] == [ref.summary]
+    prompt = requests.post(f"{pt_server.url}/tokenize", json={"prompt": "Question: 12 + 30?\n"},
+                           timeout=30).json()["tokens"]
+    assert join["prompt_len"] == len(prompt)
+    check_joined_greedy(ref, [prompt + p for p in join["paths"]], len(prompt), join["continuation"],
+                        join["output_ids"], "after_longest")
