@@ -13,7 +13,7 @@ import pytest
 import requests
 import sglang as sgl
 
-from sgl_merge import think_merge
+from sgl_merge import parathink, think_merge
 
 QUESTION = [{"role": "user", "content": "What is 12 + 30?"}]
 COMPLETION_PROMPT = "Question: what is 12 + 30?\n"
@@ -348,3 +348,59 @@ def test_a_non_thinking_model_is_a_400(non_thinking_server):
     plain = requests.post(f"{url}/v1/chat/completions", timeout=60,
                           json={"model": "tiny", "messages": QUESTION, "max_tokens": 4})
     assert plain.status_code == 200
+
+
+# ------------------------------------------------------------------ parathink
+
+
+@sgl.function
+def frontend_parathink(s, prompt, paths):
+    s += prompt
+    parathink(s, paths=paths, max_tokens=12, temperature=0, **GREEDY)
+
+
+def test_parathink_field_equals_the_frontend_parathink(server, client, tokenizer):
+    """The same paths and the same summary joined over them, through both APIs."""
+    ref = frontend_parathink.run(prompt=COMPLETION_PROMPT, paths=2, backend=sgl.RuntimeEndpoint(server.url))
+    r = client.completions.create(model="tiny", prompt=COMPLETION_PROMPT, max_tokens=12, temperature=0,
+                                  extra_body={"parathink": {"paths": 2, **GREEDY}, "skip_special_tokens": False})
+    assert r.choices[0].text == ref["answer"]
+    meta = ext(r)
+    assert meta["method"] == "parathink" and meta["trace_outcomes"] == ["merged", "merged"]
+    assert r.usage.completion_tokens == meta["answer_tokens"] + sum(meta["thinking_tokens"])
+    assert not requests.get(f"{server.url}/server_info", timeout=10).json()["internal_states"][0]["sgl_merge"][
+        "kept_sources"]  # the paths are released
+
+
+def test_parathink_field_streams_progress_then_the_summary(server):
+    body = {"model": "tiny", "messages": QUESTION, "max_tokens": 6, "temperature": 0, "stream": True,
+            "parathink": {"paths": 3, "first": 2, "thinking_budget": 200, "thinking_temperature": 1.0}}
+    phases, content, final = [], "", None
+    with requests.post(f"{server.url}/v1/chat/completions", json=body, stream=True, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines(decode_unicode=True):
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("sgl_merge"):
+                phases.append(chunk["sgl_merge"].get("phase"))
+                final = chunk["sgl_merge"]
+            for choice in chunk.get("choices") or []:
+                content += choice["delta"].get("content") or ""
+    assert "thinking" in phases and "answering" in phases and phases[-1] == "done"
+    assert final["trace_outcomes"].count("merged") == 2 and final["answer_tokens"] == 6
+
+
+@pytest.mark.parametrize("entry, param", [
+    ({}, "parathink.paths"), ({"paths": 0}, "parathink.paths"), ({"paths": 2, "first": 3}, "parathink.first"),
+    ({"paths": 2, "positions": "x"}, "parathink.positions"), ({"paths": 2, "summary_prefix": ""}, "parathink.summary_prefix"),
+    ({"paths": 2, "k": 2}, "parathink.k"),
+])
+def test_bad_parathink_input_is_a_400_naming_the_field(server, entry, param):
+    r = requests.post(f"{server.url}/v1/completions", timeout=60,
+                      json={"model": "tiny", "prompt": COMPLETION_PROMPT, "max_tokens": 4, "parathink": entry})
+    assert r.status_code == 400 and r.json()["param"] == param, r.text
+    r = requests.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": COMPLETION_PROMPT, "max_tokens": 4, "parathink": {"paths": 2},
+        "think_merge": {"k": 2}})
+    assert r.status_code == 400 and "send one of them" in r.text

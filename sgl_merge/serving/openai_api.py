@@ -1,4 +1,5 @@
-"""Hooks that give SGLang's `/v1/chat/completions` and `/v1/completions` the `think_merge` field.
+"""Hooks that give SGLang's `/v1/chat/completions` and `/v1/completions` the `think_merge` field
+(and `parathink`, which runs the same way: `sgl_merge.serving.parathink`).
 
 Narrow hooks: `handle_request` (AROUND OpenAIServingBase.handle_request) validates the field,
 marks the HTTP request as a think_merge call and adds the call's results to the response;
@@ -23,10 +24,13 @@ import uuid
 
 from sgl_merge.envs import seconds
 from sgl_merge.serving.routing import check_routing_key
+from sgl_merge.serving.parathink import FIELD as PARATHINK
+from sgl_merge.serving.parathink import parse_config as parse_parathink
 from sgl_merge.serving.think_merge import (FIELD, ThinkMergeCall, ThinkMergeError, parse_config, run,
                                            think_token_ids)
 
 EXTENSION = "sgl_merge"
+FIELDS = (FIELD, PARATHINK)
 # A stream that has sent nothing for this long gets a progress chunk: thinking can take minutes
 # before the first trace finishes, longer than proxies keep a silent connection open.
 HEARTBEAT_ENV = "SGLANG_MERGE_STREAM_HEARTBEAT"
@@ -35,11 +39,14 @@ _max_group: list[int] = []  # the server's largest merge group, read once from t
 
 async def handle_request(original, serving, request, raw_request):
     """AROUND OpenAIServingBase.handle_request."""
-    entry = await _think_merge_entry(serving, raw_request)
+    try:
+        field, entry = await _think_merge_entry(serving, raw_request)
+    except ThinkMergeError as e:
+        return serving.create_error_response(str(e), param=e.param)
     if entry is None:
         return await original(serving, request, raw_request)
     try:
-        call = await _start_call(serving, request, entry)
+        call = await _start_call(serving, request, field, entry)
     except ThinkMergeError as e:
         return serving.create_error_response(str(e), param=e.param)
     raw_request.state.sgl_merge = call
@@ -92,36 +99,43 @@ def _is_chat(serving) -> bool:
     return isinstance(serving, OpenAIServingChat)
 
 
-async def _think_merge_entry(serving, raw_request):
-    """The body's think_merge entry, None when absent (or null, or not one of the two routes)."""
+async def _think_merge_entry(serving, raw_request) -> tuple[str | None, object]:
+    """The body's think_merge or parathink field and entry, (None, None) when absent (or null, or
+    not one of the two routes); both at once is a ThinkMergeError."""
     from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 
     if raw_request is None or not (_is_chat(serving) or isinstance(serving, OpenAIServingCompletion)):
-        return None
-    if f'"{FIELD}"'.encode() not in await raw_request.body():
-        return None
+        return None, None
+    raw = await raw_request.body()
+    if not any(f'"{name}"'.encode() in raw for name in FIELDS):
+        return None, None
     body = await raw_request.json()
-    return body.get(FIELD) if isinstance(body, dict) else None
+    present = [name for name in FIELDS if isinstance(body, dict) and body.get(name) is not None]
+    if len(present) > 1:
+        raise ThinkMergeError(PARATHINK, f"{FIELD} and {PARATHINK} are two methods: send one of them")
+    return (present[0], body[present[0]]) if present else (None, None)
 
 
-async def _start_call(serving, request, entry) -> ThinkMergeCall:
+async def _start_call(serving, request, field: str, entry) -> ThinkMergeCall:
     manager = serving.tokenizer_manager
-    config = parse_config(entry, await _max_group_size(manager))
+    max_group = await _max_group_size(manager)
+    config = parse_config(entry, max_group) if field == FIELD else parse_parathink(entry, max_group)
+    width = "k" if field == FIELD else "paths"
     if (request.n or 1) > 1:
-        raise ThinkMergeError("n", f"n={request.n} cannot be combined with {FIELD}: a think_merge call returns one "
-                              f"merged answer; set {FIELD}.k for the number of parallel traces")
+        raise ThinkMergeError("n", f"n={request.n} cannot be combined with {field}: a {field} call returns one "
+                              f"answer; set {field}.{width} for the number of parallel traces")
     prompt = getattr(request, "prompt", None)
     if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], (str, list)):
-        raise ThinkMergeError("prompt", f"{FIELD} takes one prompt per request, got a batch of {len(prompt)}")
+        raise ThinkMergeError("prompt", f"{field} takes one prompt per request, got a batch of {len(prompt)}")
     delimiters = think_token_ids(manager.tokenizer)
     if delimiters is None:
-        raise ThinkMergeError(FIELD, f"{FIELD} needs a thinking model, and the tokenizer of "
+        raise ThinkMergeError(field, f"{field} needs a thinking model, and the tokenizer of "
                               f"{manager.server_args.model_path} has no <think> / </think> tokens")
     if _is_chat(serving):
         kwargs = request.chat_template_kwargs or {}
         if kwargs.get("enable_thinking") is False:
             raise ThinkMergeError("chat_template_kwargs.enable_thinking",
-                                  f"chat_template_kwargs.enable_thinking is false, but {FIELD} thinks first; "
+                                  f"chat_template_kwargs.enable_thinking is false, but {field} thinks first; "
                                   "drop one of them")
         request.chat_template_kwargs = {"enable_thinking": True, **kwargs}
         request.separate_reasoning = False  # the answer phase starts after </think>: nothing to separate

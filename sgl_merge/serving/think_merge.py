@@ -67,12 +67,20 @@ class ThinkMergeConfig:
         return self.weighting == "confidence" or self.keep is not None
 
 
-def _integer(entry: dict, name: str, low: int, high: int | None = None) -> int:
+def _integer(entry: dict, name: str, low: int, high: int | None = None, field: str = FIELD) -> int:
     value = entry[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ThinkMergeError(f"{FIELD}.{name}", f"{FIELD}.{name} must be an integer {bound}, got {value!r}")
+        raise ThinkMergeError(f"{field}.{name}", f"{field}.{name} must be an integer {bound}, got {value!r}")
     return value
+
+
+def _temperature(entry: dict, field: str = FIELD) -> float:
+    value = entry["thinking_temperature"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ThinkMergeError(f"{field}.thinking_temperature",
+                              f"{field}.thinking_temperature must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def parse_config(entry, max_group: int | None) -> ThinkMergeConfig:
@@ -94,11 +102,7 @@ def parse_config(entry, max_group: int | None) -> ThinkMergeConfig:
     first = None if entry["first"] is None else _integer(entry, "first", 1, k)
     if entry["mode"] not in MODES:
         raise ThinkMergeError(f"{FIELD}.mode", f"{FIELD}.mode must be one of {list(MODES)}, got {entry['mode']!r}")
-    temperature = entry["thinking_temperature"]
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature < 0:
-        raise ThinkMergeError(f"{FIELD}.thinking_temperature",
-                              f"{FIELD}.thinking_temperature must be a number >= 0, got {temperature!r}")
+    temperature = _temperature(entry)
     if entry["weighting"] not in WEIGHTINGS:
         raise ThinkMergeError(f"{FIELD}.weighting", f"{FIELD}.weighting must be one of {list(WEIGHTINGS)}, "
                               f"got {entry['weighting']!r}")
@@ -117,7 +121,7 @@ def parse_config(entry, max_group: int | None) -> ThinkMergeConfig:
         tau = float(tau)
     return ThinkMergeConfig(k=k, mode=entry["mode"], first=first,
                             thinking_budget=_integer(entry, "thinking_budget", 1),
-                            thinking_temperature=float(temperature), weighting=entry["weighting"], keep=keep,
+                            thinking_temperature=temperature, weighting=entry["weighting"], keep=keep,
                             confidence_window=window, tau=tau)
 
 
@@ -136,7 +140,7 @@ def think_token_ids(tokenizer) -> tuple[int, int] | None:
 class ThinkMergeCall:
     """One think_merge call: its config and what it has done so far, read by the response."""
 
-    config: ThinkMergeConfig
+    config: ThinkMergeConfig  # or a parathink call's ParaThinkConfig
     rid: str  # the leader's request id; also the merge group's id and the traces' rid prefix
     model: str
     close_id: int
@@ -150,12 +154,23 @@ class ThinkMergeCall:
     dropped: list[int] = field(default_factory=list)  # which of those `keep` left out
     weights: list[float] = field(default_factory=list)  # the members' merge weights
     agreement: list[float | None] = field(default_factory=list)
+    opener_tokens: int = 0  # the `<think>` the flow added to the route's prompt (0: it had one)
     prompt_tokens: int = 0
     cached_tokens: int = 0
     answer_tokens: int = 0
 
+    @property
+    def method(self) -> str:
+        """The field this call came from: "think_merge", or "parathink" (`sgl_merge.serving.parathink`)."""
+        return FIELD if isinstance(self.config, ThinkMergeConfig) else "parathink"
+
     def summary(self) -> dict:
         """The `sgl_merge` extension field of the response."""
+        if self.method == "parathink":
+            return {"method": "parathink", "paths": self.config.k, "first": self.config.first,
+                    "positions": self.config.positions, "trace_outcomes": self.outcomes,
+                    "thinking_tokens": self.thinking_tokens, "answer_tokens": self.answer_tokens,
+                    "traces": self.traces}
         out = {"k": self.config.k, "first": self.config.first, "mode": self.config.mode,
                "weighting": self.config.weighting, "keep": self.config.keep,
                "trace_outcomes": self.outcomes, "thinking_tokens": self.thinking_tokens,
@@ -182,6 +197,12 @@ async def run(original, manager, obj, raw_request, call: ThinkMergeCall):
     followers: list[asyncio.Future] = []
     try:
         traces = await _think(original, manager, obj, raw_request, call, rids)
+        if call.method == "parathink":
+            from sgl_merge.serving import parathink
+
+            async for out in parathink.summarize(original, manager, obj, raw_request, call, traces, rids):
+                yield _account(out, call)
+            return
         members = _members(obj, call, traces)
         rids += [m.rid for m in members]
         followers = [asyncio.ensure_future(_last(original(manager, m, raw_request))) for m in members[1:]]
@@ -204,16 +225,19 @@ async def _last(outputs):
     return out
 
 
-def _trace_prompt(tokenizer, obj) -> dict:
+def _trace_prompt(tokenizer, obj) -> tuple[dict, int]:
     """The traces' prompt: the route's, opened with `<think>` unless it already ends with it (chat
-    templates that open thinking themselves)."""
+    templates that open thinking themselves); and how many tokens the opening added."""
+    opener = tokenizer.encode(THINK_OPEN + "\n", add_special_tokens=False)
     if obj.input_ids is not None:
         ids = list(obj.input_ids)
-        if not tokenizer.decode(ids[-8:], skip_special_tokens=False).rstrip().endswith(THINK_OPEN):
-            ids += tokenizer.encode(THINK_OPEN + "\n", add_special_tokens=False)
-        return {"input_ids": ids}
+        if tokenizer.decode(ids[-8:], skip_special_tokens=False).rstrip().endswith(THINK_OPEN):
+            return {"input_ids": ids}, 0
+        return {"input_ids": ids + opener}, len(opener)
     text = obj.text
-    return {"text": text if text.rstrip().endswith(THINK_OPEN) else text + THINK_OPEN + "\n"}
+    if text.rstrip().endswith(THINK_OPEN):
+        return {"text": text}, 0
+    return {"text": text + THINK_OPEN + "\n"}, len(opener)
 
 
 async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids: list[str]) -> list[dict]:
@@ -221,7 +245,7 @@ async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids
     from sglang.srt.managers.io_struct import GenerateReqInput
 
     cfg = call.config
-    prompt = _trace_prompt(manager.tokenizer, obj)
+    prompt, call.opener_tokens = _trace_prompt(manager.tokenizer, obj)
     params = {"max_new_tokens": cfg.thinking_budget, "temperature": cfg.thinking_temperature,
               "skip_special_tokens": False, "stop_token_ids": [call.close_id]}
     reqs = [GenerateReqInput(**prompt, sampling_params=dict(params), rid=f"{call.rid}-think-{i}",
@@ -257,7 +281,10 @@ async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids
     if len(finished) < cfg.merged:
         raise ValueError(f"think_merge: only {len(finished)} of the {cfg.merged} thinking traces needed finished"
                          + (f": {errors[0]}" if errors else ""))
-    traces = await _select(original, manager, obj, raw_request, call, finished, rids)
+    if call.method == "parathink":
+        traces = [finished[i] for i in sorted(finished)]
+    else:
+        traces = await _select(original, manager, obj, raw_request, call, finished, rids)
     call.traces = [t["text"].removesuffix(THINK_CLOSE).strip() for t in traces]
     call.prompt_tokens = traces[0]["meta_info"]["prompt_tokens"]
     call.cached_tokens = traces[0]["meta_info"].get("cached_tokens", 0)
