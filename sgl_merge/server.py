@@ -208,9 +208,11 @@ def describe(server: ServerProcess) -> str:
 
 
 @contextlib.contextmanager
-def running(url: str | None, model_path: str | None, flags: list[str] = (), quiet: bool = False):
+def running(url: str | None, model_path: str | None, flags: list[str] = (), quiet: bool = False,
+            env: dict[str, str] | None = None):
     """The URL of a server for a client job: `url` as given, else a server started on `model_path`
-    (or, without one, a small random model) for the duration of the block, then stopped."""
+    (or, without one, a small random model) with `env` added, for the duration of the block, then
+    stopped."""
     if url:
         yield url.rstrip("/")
         return
@@ -220,6 +222,7 @@ def running(url: str | None, model_path: str | None, flags: list[str] = (), quie
         model = str(model_path or build_tiny_model(Path(tmp) / "model"))
         server = ServerProcess.prepare(["--model-path", model, "--port", str(free_port()), *flags],
                                        log_path=str(Path(tmp) / "server.log"))
+        server.env.update(env or {})
         if not quiet:
             print("starting the server (on CPU about 30 s)...", flush=True)
         try:

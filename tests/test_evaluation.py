@@ -150,7 +150,8 @@ def test_an_interrupted_eval_resumes_without_recomputing(server, tmp_path):
     assert after[:len(before)] == before  # finished problems kept, not recomputed
     assert sorted(json.loads(line)["problem"] for line in after) == list(range(40))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["problems"] == 40 and {r["name"] for r in summary["rows"]} == {"single", "vote@2", "merge@2"}
+    assert summary["problems"] == 40 and {r["name"] for r in summary["rows"]} == {"single", "vote@2", "merge@2",
+                                                                             "parathink@2"}
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     other = subprocess.run(_eval(server.url, dataset, out, "--k", "4"), capture_output=True, text=True)
     assert other.returncode == 1 and "other settings" in other.stderr and "ks" in other.stderr
@@ -187,10 +188,12 @@ def test_eval_reports_bad_datasets_by_line(server, tmp_path):
 
 @pytest.fixture(scope="module")
 def reasoner_server(tmp_path_factory):
-    """The bundled tiny reasoner served like any model directory."""
+    """The bundled tiny reasoner served like any model directory, with the context the demo gives
+    it (parathink@4 on parts reads more tokens than its 512 positions)."""
     log = tmp_path_factory.mktemp("reasoner") / "server.log"
-    with ServeProcess(["--model-path", str(MODEL_DIR), "--port", str(free_port()), *TEST_SERVER_FLAGS],
-                      log_path=log) as srv:
+    with ServeProcess(["--model-path", str(MODEL_DIR), "--port", str(free_port()), *TEST_SERVER_FLAGS,
+                       "--context-length", "4096"], log_path=log,
+                      env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}) as srv:
         yield srv
 
 
@@ -202,7 +205,8 @@ def test_demo_runs_the_methods_on_both_tasks_of_the_bundled_reasoner(reasoner_se
     assert r.returncode == 0, r.stderr[-2000:]
     assert "== task chain" in r.stdout and "== task parts" in r.stdout
     for name in ("single", "vote@2", "vote@4", "merge@2", "merge@4", "merge-conf@4", "merge-keep@4",
-                 "merge@4 - single", "merge@4 - vote@4", "merge-conf@4 - merge@4"):
+                 "merge@4 - single", "merge@4 - vote@4", "merge-conf@4 - merge@4", "parathink@2", "parathink@4",
+                 "parathink@4 - merge@4"):
         assert name in r.stdout
     # Traces: ~50 tokens for one chain, ~110 for four; each model answer is in its task's format.
     for task, (low, high) in (("chain", (20, 128)), ("parts", (60, 192))):

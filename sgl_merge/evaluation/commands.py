@@ -134,8 +134,12 @@ def demo(argv: list[str]) -> int:
         for name in tasks:
             dataset, _, cfg = setups[name]
             _check_config(args.out / name, cfg, str(dataset))
-        flags = ["--dtype", "float32", "--max-total-tokens", "100000", "--max-running-requests", "512"]
-        with running(args.url, args.model_path, flags) as url:
+        # parathink@8 reads 8 traces' KV at once: more tokens than the model's 512 positions, while its
+        # own positions stay within prompt + the longest trace ("after_longest"). So the server takes
+        # 4096 tokens of context; no method uses a position past 512.
+        flags = ["--dtype", "float32", "--max-total-tokens", "100000", "--max-running-requests", "512",
+                 "--context-length", "4096"]
+        with running(args.url, args.model_path, flags, env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}) as url:
             for name in tasks:
                 dataset, default_limit, cfg = setups[name]
                 problems = runner.load_problems(dataset, cfg.task, limit=args.problems or default_limit)
@@ -157,7 +161,7 @@ def evaluate(argv: list[str]) -> int:
     p.add_argument("--task", choices=("math", "exact", "code"), default="math",
                    help="math: boxed answers checked with math-verify; exact: the boxed text must equal the "
                         "answer; code: answers run against tests")
-    p.add_argument("--methods", type=_methods, default=runner.METHODS, help="any of single,vote,merge (default all)")
+    p.add_argument("--methods", type=_methods, default=runner.METHODS, help="any of single,vote,merge,parathink (default all)")
     p.add_argument("--samples", type=int, default=1, help="independent runs per problem (default 1)")
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--prompt", help="prompt template over the problem's fields, e.g. '{question}' "

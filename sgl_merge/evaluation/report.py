@@ -12,8 +12,9 @@ import numpy as np
 BOOTSTRAP = 2000
 MERGE_METHODS = ("merge", "merge-conf", "merge-keep")  # uniform, confidence-weighted, most confident only
 LABELS = {"vote": "majority vote@k", "merge": "ThinkMerge@k", "merge-conf": "ThinkMerge@k, confidence-weighted",
-          "merge-keep": "ThinkMerge@k, most confident half"}
-COLORS = {"vote": "tab:blue", "merge": "tab:red", "merge-conf": "tab:orange", "merge-keep": "tab:green"}
+          "merge-keep": "ThinkMerge@k, most confident half", "parathink": "parathink@k (KV join of the traces)"}
+COLORS = {"vote": "tab:blue", "merge": "tab:red", "merge-conf": "tab:orange", "merge-keep": "tab:green",
+          "parathink": "tab:purple"}
 
 
 def _per_problem(records: list[dict], value) -> np.ndarray:
@@ -51,6 +52,9 @@ def _columns(records: list[dict], ks: list[int]) -> dict[str, tuple[int, object,
                 cols[f"{method}@{k}"] = (k, lambda r, k=k, m=method: r[m][str(k)]["correct"],
                                          lambda r, k=k, m=method: sum(r["thinking_tokens"][:k])
                                          + len(r[m][str(k)].get("members", range(k))) * r[m][str(k)]["tokens"])
+        if "parathink" in first:  # one answer, read over the k traces
+            cols[f"parathink@{k}"] = (k, lambda r, k=k: r["parathink"][str(k)]["correct"],
+                                      lambda r, k=k: sum(r["thinking_tokens"][:k]) + r["parathink"][str(k)]["tokens"])
     return cols
 
 
@@ -68,7 +72,7 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
     paired = []
     for k in ks:
         for a, b in ((f"merge@{k}", "single"), (f"merge@{k}", f"vote@{k}"), (f"merge-conf@{k}", f"merge@{k}"),
-                     (f"merge-keep@{k}", f"merge@{k}")):
+                     (f"merge-keep@{k}", f"merge@{k}"), (f"parathink@{k}", f"merge@{k}")):
             if a in scores and b in scores:
                 diff = scores[a] - scores[b]
                 lo, hi = bootstrap_ci(diff)

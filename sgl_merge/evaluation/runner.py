@@ -10,7 +10,10 @@ every method is read off the same traces, so the methods are compared pairwise:
 - merge-conf@k (`weighting` "confidence"): the same group, each member weighted by its trace's
   DeepConf confidence (`sgl_merge.confidence`, from one scoring request over the traces);
 - merge-keep@k (`weighting` "adaptive"): a group of only the ceil(k * keep_fraction) most
-  confident of the first k traces, uniformly weighted (fewer rows merged).
+  confident of the first k traces, uniformly weighted (fewer rows merged);
+- parathink@k: one answer that reads the first k traces' KV, joined (`sgl_merge.runtime.join`):
+  prompt, then each trace as `<think>` ... `</think>`, then the answer at positions after the
+  longest trace (ParaThinker's summary, here on a model not trained for it).
 
 Contexts travel as exact token ids (the prompt through the server's chat template, the trace as
 generated, `</think>` appended if the budget ran out), so every answer request is served from the
@@ -34,7 +37,7 @@ from sgl_merge import confidence
 from sgl_merge.evaluation.scoring import correct, vote_key
 from sgl_merge.frontend.merge import majority
 
-METHODS = ("single", "vote", "merge")
+METHODS = ("single", "vote", "merge", "parathink")
 # merge@k's variants: which rows to run, and the record key / row name of each.
 WEIGHTINGS = {"uniform": "merge", "confidence": "merge-conf", "adaptive": "merge-keep"}
 MATH_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -68,7 +71,7 @@ class EvalConfig:
 
     @property
     def traces(self) -> int:
-        return max(self.ks) if set(self.methods) & {"vote", "merge"} else 1
+        return max(self.ks) if set(self.methods) & {"vote", "merge", "parathink"} else 1
 
     def prompt_for(self, problem: dict) -> str:
         template = self.prompt or (CODE_PROMPT if self.task == "code" else MATH_PROMPT)
@@ -90,6 +93,7 @@ class Server:
                             "the evaluation needs a thinking model")
         self.close_id = close[0]
         self.think_prefix = self.tokenize("<think>\n")
+        self.summary_prefix = self.tokenize("\n")  # parathink's answer follows the paths as it follows </think>
 
     def post(self, path: str, body: dict):
         try:
@@ -104,12 +108,13 @@ class Server:
     def tokenize(self, text: str) -> list[int]:
         return self.post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
 
-    def prompt_ids(self, content: str) -> list[int]:
-        """The chat-templated prompt as the server renders it, opened with `<think>`."""
+    def prompt_ids(self, content: str) -> tuple[list[int], int]:
+        """The chat-templated prompt as the server renders it, opened with `<think>`, and how many
+        of its tokens that opening added (0 where the template opens it)."""
         out = self.post("/v1/chat/completions", {"model": "default", "messages": [{"role": "user", "content": content}],
                                                  "max_tokens": 1, "temperature": 0, "return_prompt_token_ids": True})
         ids = out["choices"][0]["prompt_token_ids"]
-        return ids if self.open_ids[0] in ids[-3:] else ids + self.think_prefix
+        return (ids, 0) if self.open_ids[0] in ids[-3:] else (ids + self.think_prefix, len(self.think_prefix))
 
     def generate(self, input_ids: list[list[int]], sampling: list[dict]) -> list[dict]:
         return self.post("/generate", {"input_ids": input_ids, "sampling_params": sampling})
@@ -117,7 +122,7 @@ class Server:
 
 def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
     """One problem, one sample: the traces, each method's answer and whether it is right."""
-    prompt = server.prompt_ids(cfg.prompt_for(problem))
+    prompt, opener = server.prompt_ids(cfg.prompt_for(problem))
     n = cfg.traces
     thinking = {"temperature": cfg.thinking_temperature, "max_new_tokens": cfg.thinking_budget,
                 "stop_token_ids": [server.close_id], "skip_special_tokens": False}
@@ -169,7 +174,27 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
             "text": leader["text"], "tokens": leader["meta_info"]["completion_tokens"], "members": members,
             "agreement": leader["meta_info"].get("sgl_merge", {}).get("agreement"),
             "correct": correct(cfg.task, leader["text"], problem, cfg.code_timeout_s)}
+    if "parathink" in cfg.methods:
+        record["parathink"] = _parathink(server, cfg, problem, contexts, len(prompt) - opener, answer)
     return record
+
+
+def _parathink(server: Server, cfg: EvalConfig, problem: dict, contexts: list[list[int]], prompt_len: int,
+               answer: dict) -> dict:
+    """parathink@k for every k: the traces kept once, one join per k, then released."""
+    tag = uuid.uuid4().hex[:12]
+    rids = [f"eval-{tag}-{i}" for i in range(len(contexts))]
+    keep = {"max_new_tokens": 0, "custom_params": {"sgl_merge_keep": True}}
+    server.post("/generate", {"input_ids": contexts, "rid": rids, "sampling_params": [keep] * len(contexts)})
+    try:
+        ks = sorted(cfg.ks)
+        params = [{**answer, "custom_params": {"sgl_merge_join": {
+            "sources": rids[:k], "prompt_len": prompt_len, "release_sources": False}}} for k in ks]
+        outs = server.generate([server.summary_prefix] * len(ks), params)
+    finally:
+        server.post("/sgl_merge/release", {"rids": rids})
+    return {str(k): {"text": o["text"], "tokens": o["meta_info"]["completion_tokens"],
+                     "correct": correct(cfg.task, o["text"], problem, cfg.code_timeout_s)} for k, o in zip(ks, outs)}
 
 
 def load_problems(path: str | Path, task: str, limit: int | None = None) -> list[dict]:
