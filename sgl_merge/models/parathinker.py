@@ -65,7 +65,12 @@ def is_parathinker(model_config) -> bool:
         return False
     if getattr(hf_config, "max_segments", None) is not None:
         return True
-    path = Path(model_config.model_path)
+    return _has_segment_weights(str(model_config.model_path))
+
+
+@functools.cache
+def _has_segment_weights(model_path: str) -> bool:
+    path = Path(model_path)
     return path.is_dir() and any(SEG_WEIGHT in name for name in _weight_names(path))
 
 
