@@ -182,10 +182,11 @@ class Batches:
         return ids, attn, target, soft
 
 
-def loss_fn(logits, ids, target, soft, digit_ids, uncertainty):
-    """Cross-entropy on assistant tokens; soft digit targets on each line's result digit."""
+def loss_fn(logits, ids, target, soft, digit_ids, uncertainty, labels=None):
+    """Cross-entropy on assistant tokens; soft digit targets on each line's result digit. `labels`
+    (default `ids`): the tokens to predict where they differ from the input (a slipped digit)."""
     logits = logits[:, :-1].float()
-    labels = ids[:, 1:]
+    labels = (ids if labels is None else labels)[:, 1:]
     tmask = target[:, 1:]
     smask = soft[:, 1:]
     logp = torch.log_softmax(logits, dim=-1)
@@ -202,7 +203,7 @@ def loss_fn(logits, ids, target, soft, digit_ids, uncertainty):
     return (nll * tmask).sum() / tmask.sum()
 
 
-def finish_tokenizer_files(out: Path, tok) -> None:
+def finish_tokenizer_files(out: Path, tok, specials: list[str] = (THINK_OPEN, THINK_CLOSE)) -> None:
     """Also write the older layout, for loaders that read the chat template and special tokens
     from tokenizer_config.json / special_tokens_map.json rather than chat_template.jinja, and
     drop the load-time bookkeeping keys transformers writes back."""
@@ -213,12 +214,12 @@ def finish_tokenizer_files(out: Path, tok) -> None:
     tok_cfg["chat_template"] = tok.chat_template
     cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
     special = {"eos_token": tok.eos_token, "pad_token": tok.pad_token,
-               "unk_token": tok.unk_token, "additional_special_tokens": [THINK_OPEN, THINK_CLOSE]}
+               "unk_token": tok.unk_token, "additional_special_tokens": list(specials)}
     special = {k: v for k, v in special.items() if v is not None}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def save(model, tok, out: Path, meta: dict) -> None:
+def save(model, tok, out: Path, meta: dict, specials: list[str] = (THINK_OPEN, THINK_CLOSE)) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for f in out.iterdir():
         if f.is_file():
@@ -232,7 +233,7 @@ def save(model, tok, out: Path, meta: dict) -> None:
     model.generation_config.bos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    finish_tokenizer_files(out, tok)
+    finish_tokenizer_files(out, tok, specials)
     model_cfg_path = out / "config.json"
     model_cfg = json.loads(model_cfg_path.read_text())
     model_cfg["torch_dtype"] = "float32"

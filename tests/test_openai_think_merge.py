@@ -395,6 +395,7 @@ def test_parathink_field_streams_progress_then_the_summary(server):
     ({}, "parathink.paths"), ({"paths": 0}, "parathink.paths"), ({"paths": 2, "first": 3}, "parathink.first"),
     ({"paths": 2, "positions": "x"}, "parathink.positions"), ({"paths": 2, "summary_prefix": ""}, "parathink.summary_prefix"),
     ({"paths": 2, "k": 2}, "parathink.k"),
+    ({"paths": 2, "layout": "parathinker"}, "parathink.layout"),  # this model has no <think1>
 ])
 def test_bad_parathink_input_is_a_400_naming_the_field(server, entry, param):
     r = requests.post(f"{server.url}/v1/completions", timeout=60,

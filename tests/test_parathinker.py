@@ -49,11 +49,17 @@ def path(ref, n, body):
 
 def test_segments_follow_the_tokens_and_outputs_equal_the_reference(pt_server, ref):
     """Prompt, paths and summary in one sequence (prefill), then decoding in segment 0, and a
-    sequence that ends inside a path (decoding in that path's segment); the segment embeddings
+    sequence that ends inside a path (decoding in that path's segment), stray closing tokens
+    included; the segment embeddings
     must matter: a plain Qwen2 on the same weights decodes otherwise."""
+    opens, closes = {v: k for k, v in ref.opens.items()}, {v: k for k, v in ref.closes.items()}
     cases = [PROMPT + [60, 61],
              PROMPT + path(ref, 1, [60, 61]) + path(ref, 2, [70]) + [ref.summary, 80],
-             PROMPT + [{v: k for k, v in ref.opens.items()}[3], 90, 91]]
+             PROMPT + [opens[3], 90, 91],
+             # a stray </think3> sampled inside path 1 is in segment 3 and leaves path 1's alone,
+             # in a prefill and when decoding goes on right after it
+             PROMPT + path(ref, 1, [60, closes[3], 61]) + [ref.summary, 80],
+             PROMPT + [opens[1], 60, closes[3]]]
     differs = False
     for ids in cases:
         out = generate(pt_server, ids)["output_ids"]
@@ -88,7 +94,11 @@ def test_a_summary_joined_over_paths_equals_the_reference(pt_server, ref, positi
     assert ref.check_greedy(joined, generate(pt_server, joined, 6)["output_ids"]) == 6
 
 
-def test_parathink_with_numbered_paths(pt_server, ref):
+@pytest.mark.parametrize("layout", [
+    {"think_open": "<think{i}>", "think_close": "</think{i}>", "summary_prefix": "<summary>"},
+    {},  # the defaults: a ParaThinker's own layout, read off the server's tokenizer
+])
+def test_parathink_with_numbered_paths(pt_server, ref, layout):
     import sglang as sgl
 
     import sgl_merge
@@ -96,8 +106,8 @@ def test_parathink_with_numbered_paths(pt_server, ref):
     @sgl.function
     def program(s):
         s += "Question: 12 + 30?\n"
-        sgl_merge.parathink(s, paths=3, think_open="<think{i}>", think_close="</think{i}>", summary_prefix="<summary>",
-                            thinking_budget=12, thinking_temperature=1.0, max_tokens=6, temperature=0, ignore_eos=True)
+        sgl_merge.parathink(s, paths=3, **layout, thinking_budget=12, thinking_temperature=1.0, max_tokens=6,
+                            temperature=0, ignore_eos=True)
 
     state = program.run(backend=sgl.RuntimeEndpoint(pt_server.url))
     join = state.get_meta_info("answer_join")
@@ -113,3 +123,35 @@ def test_parathink_with_numbered_paths(pt_server, ref):
     assert join["prompt_len"] == len(prompt)
     check_joined_greedy(ref, [prompt + p for p in join["paths"]], len(prompt), join["continuation"],
                         join["output_ids"], "after_longest")
+
+
+def test_the_parathink_field_takes_a_parathinkers_numbered_paths(pt_server):
+    """On a ParaThinker the OpenAI field's paths are `<think{i}>` ... `</think{i}>` and its summary
+    starts with `<summary>` (layout "auto"); with greedy paths its answer equals the frontend's."""
+    import sglang as sgl
+
+    import sgl_merge
+
+    prompt = "Question: 12 + 30?\n"
+
+    @sgl.function
+    def program(s):
+        s += prompt
+        sgl_merge.parathink(s, paths=3, thinking_budget=12, thinking_temperature=0.0, max_tokens=6, temperature=0,
+                            ignore_eos=True)
+
+    state = program.run(backend=sgl.RuntimeEndpoint(pt_server.url))
+    body = {"model": "pt", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "skip_special_tokens": False, "parathink": {"paths": 3, "thinking_budget": 12, "thinking_temperature": 0}}
+    r = requests.post(f"{pt_server.url}/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    meta = r.json()["sgl_merge"]
+    assert meta["layout"] == "parathinker" and meta["trace_outcomes"] == ["merged"] * 3
+    assert r.json()["choices"][0]["text"] == state["answer"]
+    plain = requests.post(f"{pt_server.url}/v1/completions", timeout=300,
+                          json={**body, "parathink": {**body["parathink"], "layout": "plain"}})
+    assert plain.status_code == 200 and plain.json()["sgl_merge"]["layout"] == "plain"
+    for entry, param, words in [({"paths": 5}, "parathink.paths", "4 numbered paths"),
+                                ({"paths": 2, "layout": "numbered"}, "parathink.layout", "must be one of")]:
+        bad = requests.post(f"{pt_server.url}/v1/completions", timeout=60, json={**body, "parathink": entry})
+        assert bad.status_code == 400 and bad.json()["param"] == param and words in bad.text, bad.text

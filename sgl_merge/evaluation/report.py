@@ -12,7 +12,7 @@ import numpy as np
 BOOTSTRAP = 2000
 MERGE_METHODS = ("merge", "merge-conf", "merge-keep")  # uniform, confidence-weighted, most confident only
 LABELS = {"vote": "majority vote@k", "merge": "ThinkMerge@k", "merge-conf": "ThinkMerge@k, confidence-weighted",
-          "merge-keep": "ThinkMerge@k, most confident half", "parathink": "parathink@k (KV join of the traces)"}
+          "merge-keep": "ThinkMerge@k, most confident half", "parathink": "parathink@k (KV join of the paths)"}
 COLORS = {"vote": "tab:blue", "merge": "tab:red", "merge-conf": "tab:orange", "merge-keep": "tab:green",
           "parathink": "tab:purple"}
 
@@ -52,9 +52,10 @@ def _columns(records: list[dict], ks: list[int]) -> dict[str, tuple[int, object,
                 cols[f"{method}@{k}"] = (k, lambda r, k=k, m=method: r[m][str(k)]["correct"],
                                          lambda r, k=k, m=method: sum(r["thinking_tokens"][:k])
                                          + len(r[m][str(k)].get("members", range(k))) * r[m][str(k)]["tokens"])
-        if "parathink" in first:  # one answer, read over the k traces
+        if "parathink" in first:  # one answer, read over the k paths (a ParaThinker's own, or the traces)
             cols[f"parathink@{k}"] = (k, lambda r, k=k: r["parathink"][str(k)]["correct"],
-                                      lambda r, k=k: sum(r["thinking_tokens"][:k]) + r["parathink"][str(k)]["tokens"])
+                                      lambda r, k=k: sum(r.get("path_tokens", r["thinking_tokens"])[:k])
+                                      + r["parathink"][str(k)]["tokens"])
     return cols
 
 

@@ -11,9 +11,14 @@ every method is read off the same traces, so the methods are compared pairwise:
   DeepConf confidence (`sgl_merge.confidence`, from one scoring request over the traces);
 - merge-keep@k (`weighting` "adaptive"): a group of only the ceil(k * keep_fraction) most
   confident of the first k traces, uniformly weighted (fewer rows merged);
-- parathink@k: one answer that reads the first k traces' KV, joined (`sgl_merge.runtime.join`):
-  prompt, then each trace as `<think>` ... `</think>`, then the answer at positions after the
-  longest trace (ParaThinker's summary, here on a model not trained for it).
+- parathink@k: one answer that reads the first k paths' KV, joined (`sgl_merge.runtime.join`):
+  prompt, then each path, then the answer at positions after the longest path (ParaThinker's
+  summary). On a ParaThinker checkpoint (the server's tokenizer has `<think1>` and `<summary>`
+  tokens) the paths are its own: max(k) more paths per problem, path i from prompt + `<think{i}>`
+  to `</think{i}>`, and the summary starts with `<summary>`; on any other model the paths are the
+  traces above (`<think>` ... `</think>`) and the answer starts with a newline, as after
+  `</think>`: a join of plain traces on a model not trained for it. Each record says which
+  (`parathink_layout`).
 
 Contexts travel as exact token ids (the prompt through the server's chat template, the trace as
 generated, `</think>` appended if the budget ran out), so every answer request is served from the
@@ -93,7 +98,20 @@ class Server:
                             "the evaluation needs a thinking model")
         self.close_id = close[0]
         self.think_prefix = self.tokenize("<think>\n")
-        self.summary_prefix = self.tokenize("\n")  # parathink's answer follows the paths as it follows </think>
+        # ParaThinker's layout, where the model has it: numbered paths, a `<summary>` after them;
+        # else parathink's answer follows the plain traces as it follows </think>.
+        numbered = [self.tokenize(t) for t in ("<think1>", "</think1>", "<summary>")]
+        self.numbered_paths = all(len(ids) == 1 for ids in numbered)
+        self.summary_prefix = numbered[2] if self.numbered_paths else self.tokenize("\n")
+
+    def path_delimiters(self, i: int) -> tuple[list[int], int]:
+        """A ParaThinker's path i (from 1): the ids of `<think{i}>` (the model writes what follows, as
+        in the frontend's `sgl_merge.parathink`) and of `</think{i}>`."""
+        close = self.tokenize(f"</think{i}>")
+        if len(close) != 1:
+            raise EvalError(f"the model at {self.url} has no single </think{i}> token: its ParaThinker layout has "
+                            f"fewer than {i} paths; pass a smaller --k")
+        return self.tokenize(f"<think{i}>"), close[0]
 
     def post(self, path: str, body: dict):
         try:
@@ -126,18 +144,28 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
     n = cfg.traces
     thinking = {"temperature": cfg.thinking_temperature, "max_new_tokens": cfg.thinking_budget,
                 "stop_token_ids": [server.close_id], "skip_special_tokens": False}
-    traces = server.generate([prompt] * n, [thinking] * n)
-    contexts = []
-    for t in traces:
-        ids = t["output_ids"] if t["output_ids"][-1:] == [server.close_id] else t["output_ids"] + [server.close_id]
-        contexts.append(prompt + ids)
+    inputs, params = [prompt] * n, [thinking] * n
+    numbered = "parathink" in cfg.methods and server.numbered_paths
+    if numbered:  # a ParaThinker's own paths, sampled beside the traces
+        bare = prompt[:len(prompt) - opener]
+        delimiters = [server.path_delimiters(i) for i in range(1, max(cfg.ks) + 1)]
+        inputs += [bare + path_open for path_open, _ in delimiters]
+        params += [{**thinking, "stop_token_ids": [close]} for _, close in delimiters]
+    outs = server.generate(inputs, params)
+    traces = outs[:n]
+    contexts = [prompt + _closed(t["output_ids"], server.close_id) for t in traces]
     answer = {"temperature": cfg.answer_temperature, "max_new_tokens": cfg.answer_tokens}
+    record: dict = {"thinking_tokens": [t["meta_info"]["completion_tokens"] for t in traces]}
+    if numbered:
+        paths = outs[n:]
+        path_contexts = [input_ids + _closed(o["output_ids"], close)
+                         for input_ids, o, (_, close) in zip(inputs[n:], paths, delimiters)]
+        record["path_tokens"] = [o["meta_info"]["completion_tokens"] for o in paths]
     inputs, params = [], []
     if {"single", "vote"} & set(cfg.methods):
         inputs += contexts
         params += [answer] * n
     merge_ks = sorted(cfg.ks) if "merge" in cfg.methods else []
-    record: dict = {"thinking_tokens": [t["meta_info"]["completion_tokens"] for t in traces]}
     if merge_ks and {"confidence", "adaptive"} & set(cfg.weightings):
         generated = [t["output_ids"] for t in traces]
         scored = server.post("/generate", confidence.scoring_request(prompt, generated))
@@ -175,8 +203,15 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
             "agreement": leader["meta_info"].get("sgl_merge", {}).get("agreement"),
             "correct": correct(cfg.task, leader["text"], problem, cfg.code_timeout_s)}
     if "parathink" in cfg.methods:
-        record["parathink"] = _parathink(server, cfg, problem, contexts, len(prompt) - opener, answer)
+        record["parathink_layout"] = "parathinker" if numbered else "plain traces"
+        record["parathink"] = _parathink(server, cfg, problem, path_contexts if numbered else contexts,
+                                         len(prompt) - opener, answer)
     return record
+
+
+def _closed(ids: list[int], close_id: int) -> list[int]:
+    """A generated trace, its closing token appended where the budget ran out first."""
+    return ids if ids[-1:] == [close_id] else ids + [close_id]
 
 
 def _parathink(server: Server, cfg: EvalConfig, problem: dict, contexts: list[list[int]], prompt_len: int,

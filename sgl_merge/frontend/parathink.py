@@ -3,12 +3,14 @@ every path's KV (the KV join, `sgl_merge.runtime.join`), with no re-prefill of t
 
     answer = sgl_merge.parathink(s, paths=4, thinking_budget=2048, max_tokens=256)
 
-Each path thinks on its own from the prompt (`<think>` ... `</think>`); the summary then continues
+Each path thinks on its own from the prompt; the summary then continues
 after prompt + path 1 + ... + path P, each path's KV as it was computed (attending to the prompt and
 to itself only), its positions after the longest path (ParaThinker's convention; `positions=
-"sequential"` for after the whole concatenation). On a model trained for it (ParaThinker) that is
-the method; on any other model it is a join of plain traces with `</think>` delimiters, which is how
-to compare it with ThinkMerge (`think_merge`) on your model.
+"sequential"` for after the whole concatenation). On a ParaThinker checkpoint (its tokenizer has
+`<think1>` and `<summary>`) the paths are its numbered ones, `<think{i}>` ... `</think{i}>`, and the
+summary starts with `<summary>`: the method. On any other model the paths are `<think>` ...
+`</think>` and the summary starts with a newline: a join of plain traces, which is how to compare
+it with ThinkMerge (`think_merge`) on your model.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS
 
 def parathink(s, paths: int | None = None, *, first: int | None = None, n: int | None = None,
               name: str = "answer", thinking_budget: int = 2048, thinking_temperature: float = 0.6,
-              think_open: str = DEFAULT_OPEN, think_close: str = DEFAULT_CLOSE,
-              positions: str = "after_longest", summary_prefix: str = "\n", **summary_sampling) -> str:
+              think_open: str | None = None, think_close: str | None = None,
+              positions: str = "after_longest", summary_prefix: str | None = None, **summary_sampling) -> str:
     """Think along `paths` independent paths from state `s`, then write one summary over all of
     them (sampling arguments as `sgl.gen`), appended to `s` and returned. `first=m, n=N` launches N
     paths and summarises as soon as the first m finish (the others are aborted). Each path is
@@ -46,7 +48,9 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     `thinking_budget`; when the prompt already ends with `think_open`, paths are the thinking +
     `think_close`); the summary starts with `summary_prefix` (at least one token: the join
     prefills it). Delimiters with "{i}" number the paths from 1 with no newline, as a ParaThinker
-    checkpoint wants: `think_open="<think{i}>", think_close="</think{i}>", summary_prefix="<summary>"`.
+    checkpoint wants: `think_open="<think{i}>", think_close="</think{i}>", summary_prefix="<summary>"`,
+    which is what the defaults (None) pick where the server's tokenizer has `<think1>` and
+    `<summary>` tokens; elsewhere they are `<think>`, `</think>` and a newline.
 
     The paths' texts are in `s[name + "_thinking"]`, what became of every launched path in
     `s.get_meta_info(name + "_traces")`, and the join itself (prompt length, each path's token ids,
@@ -54,10 +58,13 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     k, n = trace_counts("parathink", "paths", paths, first, n)
     if positions not in POSITIONS:
         raise MergeError(f"parathink: positions must be one of {list(POSITIONS)}, got {positions!r}")
-    if ("{i}" in think_open) != ("{i}" in think_close):
+    if (think_open is None) != (think_close is None):
+        raise MergeError("parathink: give both think_open and think_close, or neither (the model's own: numbered "
+                         "paths on a ParaThinker, <think> / </think> elsewhere)")
+    if think_open is not None and ("{i}" in think_open) != ("{i}" in think_close):
         raise MergeError(f"parathink: think_open {think_open!r} and think_close {think_close!r} must both number the "
                          'path with "{i}" (ParaThinker: "<think{i}>", "</think{i}>") or neither')
-    if not summary_prefix:
+    if summary_prefix is not None and not summary_prefix:
         raise MergeError('parathink: summary_prefix must be a non-empty text (the summary\'s first tokens, "\\n" '
                          "by default)")
     sampling = _sampling(summary_sampling)
@@ -66,6 +73,12 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     url = _backend_url([s])
     ensure_merge_server(url)
     key = uuid.uuid4().hex  # one routing key: the paths and the summary share a worker's cache
+    if think_open is None or summary_prefix is None:
+        layout = all(len(_tokenize(url, t, key)) == 1 for t in ("<think1>", "<summary>"))
+        if think_open is None:
+            think_open, think_close = ("<think{i}>", "</think{i}>") if layout else (DEFAULT_OPEN, DEFAULT_CLOSE)
+        if summary_prefix is None:
+            summary_prefix = "<summary>" if layout and "{i}" in think_open else "\n"
     prompt_ids = _context(url, ex, key)
     numbered = "{i}" in think_open
     if numbered:  # ParaThinker's <think1> .. </think1>, <think2> ...: path i's own control tokens

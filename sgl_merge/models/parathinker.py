@@ -3,9 +3,11 @@ attention layer, `self_attn.seg_embeddings = nn.Embedding(max_segments, head_dim
 V (not Q) before RoPE and shared by every KV head, as in the authors' vLLM and transformers forks.
 
 A token's segment is a function of the token sequence alone: `<thinkN>` opens path N (segment N,
-1-based) and the path's tokens through `</thinkN>` keep it, `<summary>` returns to segment 0, which
-is also the prompt's. So the same tokens always get the same KV, and SGLang's radix cache stays
-sound without any namespace. Paths are plain requests from prompt + `<thinkN>` (their positions
+1-based) and the tokens after it keep it, `<summary>` returns to segment 0, which is also the
+prompt's; `</thinkN>` is in segment N and changes nothing after it (in a well-formed sequence it
+closes path N, which is in segment N anyway; a stray one sampled inside another path leaves that
+path's segment alone, as the authors' per-path segment ids do). So the same tokens always get the
+same KV, and SGLang's radix cache stays sound without any namespace. Paths are plain requests from prompt + `<thinkN>` (their positions
 start at the prompt's length, as the method wants); the summary is a KV join of the paths
 (`sgl_merge.runtime.join`, positions "after_longest": after the prompt and the longest path).
 
@@ -37,12 +39,18 @@ MAX_ROWS = 1 << 16  # request-pool rows the segment state covers (SGLang's pool 
 
 
 def control_tokens(max_paths: int) -> dict[str, int]:
-    """Control token text -> the segment it gives itself and what follows it."""
+    """Control token text -> the segment it is in (`<thinkN>` and `<summary>` also put what follows
+    them there; `</thinkN>` only itself, see `opens_segment`)."""
     tokens = {"<summary>": 0}
     for n in range(1, max_paths + 1):
         tokens[f"<think{n}>"] = n
         tokens[f"</think{n}>"] = n
     return tokens
+
+
+def opens_segment(text: str) -> bool:
+    """Whether a control token sets the segment of the tokens after it (not a `</thinkN>`)."""
+    return not text.startswith("</")
 
 
 def _weight_names(model_path: Path) -> list[str]:
@@ -77,10 +85,11 @@ def _has_segment_weights(model_path: str) -> bool:
 class SegmentIds:
     """Per-token segment ids for a forward batch, on the device."""
 
-    def __init__(self, table: torch.Tensor, rows: torch.Tensor, host_table: dict[int, int]):
-        self.table = table  # [vocab] int64: a control token's segment, -1 for any other token
+    def __init__(self, table: torch.Tensor, own: torch.Tensor, rows: torch.Tensor, host_table: dict[int, int]):
+        self.table = table  # [vocab] int64: the segment an opening token (<thinkN>, <summary>) sets, else -1
+        self.own = own  # [vocab] int64: a closing token's (</thinkN>) own segment, else -1
         self.rows = rows  # [MAX_ROWS] int64: the segment each request-pool row's sequence is in
-        self.host_table = host_table
+        self.host_table = host_table  # the opening tokens' segments
 
     def init_rows(self, reqs, forward_batch) -> None:
         """At a prefill: each row's state is the segment its cached prefix ended in (a host scan of
@@ -95,17 +104,17 @@ class SegmentIds:
         rows[forward_batch.req_pool_indices] = torch.tensor(states, dtype=torch.int64).to(rows.device, non_blocking=True)
 
     def __call__(self, input_ids: torch.Tensor, forward_batch) -> torch.Tensor:
-        marks = self.table[input_ids]
+        marks, own = self.table[input_ids], self.own[input_ids]
         rows = self.rows
         if input_ids.numel() == 0:
             return marks.clamp_min(0)
         pool = forward_batch.req_pool_indices
         mode = forward_batch.forward_mode
         if mode.is_decode() or mode.is_idle():
-            seg = torch.where(marks >= 0, marks, rows[pool])
-            rows[pool] = seg
-            return seg
-        # Extend: a token's segment is that of the last control token at or before it in its own
+            state = torch.where(marks >= 0, marks, rows[pool])
+            rows[pool] = state
+            return torch.where(own >= 0, own, state)
+        # Extend: a token's state is that of the last opening token at or before it in its own
         # request, else the row's state; each request's first token is defined, so the forward
         # fill never crosses from one request into the next.
         starts = forward_batch.extend_start_loc
@@ -114,10 +123,10 @@ class SegmentIds:
         marks[starts] = torch.where(first >= 0, first, rows[pool])
         index = torch.arange(marks.numel(), device=marks.device)
         last = torch.cummax(torch.where(marks >= 0, index, torch.zeros_like(index)), dim=0).values
-        seg = marks[last]
+        state = marks[last]
         ends = starts + forward_batch.extend_seq_lens - 1
-        rows[pool] = seg[ends]
-        return seg
+        rows[pool] = state[ends]
+        return torch.where(own >= 0, own, state)
 
 
 def _segmented_attention_forward(self, positions, hidden_states, forward_batch):
@@ -133,18 +142,21 @@ def _segmented_attention_forward(self, positions, hidden_states, forward_batch):
     return output
 
 
-def _control_ids(config, max_paths: int) -> dict[int, int]:
-    """Token id -> segment for the control tokens the checkpoint's tokenizer has."""
+def _control_ids(config, max_paths: int) -> tuple[dict[int, int], dict[int, int]]:
+    """Token id -> segment for the control tokens the checkpoint's tokenizer has: the opening
+    ones (which set the segment of what follows) and the closing ones."""
     from transformers import AutoTokenizer
 
     path = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
     tokenizer = AutoTokenizer.from_pretrained(path)
     vocab = tokenizer.get_vocab()
-    found = {vocab[text]: seg for text, seg in control_tokens(max_paths).items() if text in vocab}
+    found = {text: (vocab[text], seg) for text, seg in control_tokens(max_paths).items()
+             if text in vocab and vocab[text] < config.vocab_size}
     if not found:
         logger.warning("sgl-merge: ParaThinker checkpoint without <thinkN> / <summary> tokens in its tokenizer: "
                        "every token is in segment 0")
-    return found
+    opening = {i: seg for text, (i, seg) in found.items() if opens_segment(text)}
+    return opening, {i: seg for text, (i, seg) in found.items() if not opens_segment(text)}
 
 
 @functools.cache
@@ -163,18 +175,20 @@ def model_class():
                 attn.seg_embeddings = nn.Embedding(segments, attn.head_dim)
                 nn.init.zeros_(attn.seg_embeddings.weight)  # as the authors: absent weights = plain Qwen2
                 attn.forward = _segmented_attention_forward.__get__(attn)
-            host = {i: s for i, s in _control_ids(config, segments - 1).items() if i < config.vocab_size}
-            table = torch.full((config.vocab_size,), -1, dtype=torch.int64)
-            for token, seg in host.items():
-                table[token] = seg
-            self.register_buffer("sgl_segment_table", table, persistent=False)
+            opening, closing = _control_ids(config, segments - 1)
+            for name, tokens in (("sgl_segment_table", opening), ("sgl_segment_own", closing)):
+                table = torch.full((config.vocab_size,), -1, dtype=torch.int64)
+                for token, seg in tokens.items():
+                    table[token] = seg
+                self.register_buffer(name, table, persistent=False)
             # Allocated once with the model (device graphs capture its address): 512 KiB.
             self.register_buffer("sgl_segment_rows", torch.zeros(MAX_ROWS, dtype=torch.int64), persistent=False)
-            self.sgl_segments = SegmentIds(self.sgl_segment_table, self.sgl_segment_rows, host)
+            self.sgl_segments = SegmentIds(self.sgl_segment_table, self.sgl_segment_own, self.sgl_segment_rows, opening)
 
         def forward(self, input_ids, positions, forward_batch, *args, **kwargs):
             # The buffers, wherever the model was moved.
-            self.sgl_segments.table, self.sgl_segments.rows = self.sgl_segment_table, self.sgl_segment_rows
+            segs = self.sgl_segments
+            segs.table, segs.own, segs.rows = self.sgl_segment_table, self.sgl_segment_own, self.sgl_segment_rows
             forward_batch.sgl_segment_ids = self.sgl_segments(input_ids, forward_batch)
             return super().forward(input_ids, positions, forward_batch, *args, **kwargs)
 

@@ -26,6 +26,7 @@ from sgl_merge.envs import seconds
 from sgl_merge.serving.routing import check_routing_key
 from sgl_merge.serving.parathink import FIELD as PARATHINK
 from sgl_merge.serving.parathink import parse_config as parse_parathink
+from sgl_merge.serving.parathink import path_layout
 from sgl_merge.serving.think_merge import (FIELD, ThinkMergeCall, ThinkMergeError, parse_config, run,
                                            think_token_ids)
 
@@ -140,7 +141,8 @@ async def _start_call(serving, request, field: str, entry) -> ThinkMergeCall:
         request.chat_template_kwargs = {"enable_thinking": True, **kwargs}
         request.separate_reasoning = False  # the answer phase starts after </think>: nothing to separate
     rid = request.rid if isinstance(request.rid, str) and request.rid else f"thinkmerge-{uuid.uuid4().hex}"
-    return ThinkMergeCall(config=config, rid=rid, model=request.model, close_id=delimiters[1])
+    paths = None if field == FIELD else path_layout(manager.tokenizer, config, manager.server_args.model_path)
+    return ThinkMergeCall(config=config, rid=rid, model=request.model, close_id=delimiters[1], paths=paths)
 
 
 async def _max_group_size(manager) -> int | None:

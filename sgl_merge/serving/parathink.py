@@ -2,16 +2,22 @@
 reads every path's KV (the KV join), beside `think_merge` and with its conventions.
 
     {"parathink": {"paths": 4, "first": null, "thinking_budget": 4096, "thinking_temperature": 0.6,
-                   "positions": "after_longest", "summary_prefix": "\\n"}}
+                   "positions": "after_longest", "summary_prefix": null, "layout": "auto"}}
 
-The paths are the think_merge flow's traces (`sgl_merge.serving.think_merge`: from the route's
-prompt opened with `<think>`, closed with `</think>`; `first` summarises once that many finished and
-aborts the rest). The `<think>` the flow adds belongs to every path, as in the frontend's
-`sgl_merge.parathink`: each path is `<think>` + its thinking + `</think>`. Each finished path is then kept (`sgl_merge_keep`, a one-token prefill: the
-trace's KV is in the radix cache but its closing token), and the route's own generation runs as a
-join of them: its input is `summary_prefix` after prompt + path 1 + ... + path P, at positions
-after the longest path (`positions`, as in the join). It also works with models not trained for it
-(plain traces with `</think>` delimiters), which is how to compare it with think_merge.
+The paths are the think_merge flow's traces (`sgl_merge.serving.think_merge`; `first` summarises
+once that many finished and aborts the rest), in one of two layouts:
+- "parathinker" (what "auto" picks when the tokenizer has ParaThinker's control tokens): path i is
+  the route's prompt + `<think{i}>` (no newline, as in the frontend), closed by `</think{i}>`, so a ParaThinker
+  checkpoint gives it segment i (`sgl_merge.models.parathinker`); the summary starts with
+  `<summary>`;
+- "plain" (any thinking model): every path is `<think>` + its thinking + `</think>`, as in the
+  frontend's `sgl_merge.parathink`, and the summary starts with a newline, as after `</think>`:
+  how to compare the join with think_merge on a model not trained for it.
+
+Each finished path is then kept (`sgl_merge_keep`, a one-token prefill: the trace's KV is in the
+radix cache but its closing token), and the route's own generation runs as a join of them: its
+input is `summary_prefix` after prompt + path 1 + ... + path P, at positions after the longest path
+(`positions`, as in the join).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from sgl_merge.serving.think_merge import ThinkMergeError, _integer, _last, _tem
 
 FIELD = "parathink"
 DEFAULTS = {"paths": None, "first": None, "thinking_budget": 4096, "thinking_temperature": 0.6,
-            "positions": "after_longest", "summary_prefix": "\n"}
+            "positions": "after_longest", "summary_prefix": None, "layout": "auto"}
+LAYOUTS = ("auto", "parathinker", "plain")
+SUMMARY_PREFIX = {"parathinker": "<summary>", "plain": "\n"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,8 @@ class ParaThinkConfig:
     thinking_budget: int = 4096
     thinking_temperature: float = 0.6
     positions: str = "after_longest"
-    summary_prefix: str = "\n"
+    summary_prefix: str | None = None  # None: the layout's
+    layout: str = "auto"
     needs_confidence = False
 
     @property
@@ -62,12 +71,47 @@ def parse_config(entry, max_group: int | None) -> ParaThinkConfig:
         raise ThinkMergeError(f"{FIELD}.positions",
                               f"{FIELD}.positions must be one of {list(POSITIONS)}, got {entry['positions']!r}")
     prefix = entry["summary_prefix"]
-    if not isinstance(prefix, str) or not prefix:
+    if prefix is not None and (not isinstance(prefix, str) or not prefix):
         raise ThinkMergeError(f"{FIELD}.summary_prefix", f"{FIELD}.summary_prefix must be a non-empty string (the "
                               f"summary's first tokens, prefilled by the join), got {prefix!r}")
+    if entry["layout"] not in LAYOUTS:
+        raise ThinkMergeError(f"{FIELD}.layout", f"{FIELD}.layout must be one of {list(LAYOUTS)}, got {entry['layout']!r}")
     return ParaThinkConfig(k=paths, first=first, thinking_budget=_integer(entry, "thinking_budget", 1, None, FIELD),
                            thinking_temperature=_temperature(entry, FIELD), positions=entry["positions"],
-                           summary_prefix=prefix)
+                           summary_prefix=prefix, layout=entry["layout"])
+
+
+def _single_token(tokenizer, text: str) -> int | None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 and tokenizer.decode(ids) == text else None
+
+
+def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[tuple[str, int]] | None:
+    """ParaThinker's paths for this call, each path's opening text and closing token id, or None
+    for plain `<think>` traces: per `config.layout`, "auto" taking ParaThinker's where the tokenizer
+    has `<think1>` and `<summary>` as tokens. A "parathinker" layout the tokenizer cannot give (too
+    few numbered paths, or none) is a ThinkMergeError naming `parathink.layout` or `parathink.paths`."""
+    if config.layout == "plain" or (config.layout == "auto" and (_single_token(tokenizer, "<think1>") is None
+                                                                 or _single_token(tokenizer, "<summary>") is None)):
+        return None
+    paths = []
+    for i in range(1, config.k + 1):
+        close = _single_token(tokenizer, f"</think{i}>")
+        if _single_token(tokenizer, f"<think{i}>") is None or close is None:
+            if i == 1 or _single_token(tokenizer, "<summary>") is None:
+                raise ThinkMergeError(f"{FIELD}.layout", f'{FIELD}.layout is "parathinker", but the tokenizer of '
+                                      f"{model_path} has no <think1> / </think1> / <summary> tokens; use "
+                                      '"plain" (or "auto")')
+            raise ThinkMergeError(f"{FIELD}.paths", f"{FIELD}.paths is {config.k}, but {model_path} is a ParaThinker "
+                                  f"with {i - 1} numbered paths (no <think{i}> token); lower paths, or send "
+                                  'layout "plain"')
+        paths.append((f"<think{i}>", close))
+    return paths
+
+
+def summary_prefix(call) -> str:
+    """The summary's first text: the call's, else its layout's."""
+    return call.config.summary_prefix or SUMMARY_PREFIX["parathinker" if call.paths else "plain"]
 
 
 async def summarize(original, manager, obj, raw_request, call, traces: list[dict], rids: list[str]):
@@ -76,10 +120,11 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
 
     sources = []
     try:
-        for trace in traces:
+        for trace, launched in zip(traces, call.merged_paths):
+            close = call.paths[launched][1] if call.paths else call.close_id
             path = list(trace["output_ids"])
-            if not path or path[-1] != call.close_id:
-                path.append(call.close_id)  # ran out of budget: close it
+            if not path or path[-1] != close:
+                path.append(close)  # ran out of budget: close it
             rid = f"{call.rid}-path-{len(sources)}"
             keep = GenerateReqInput(input_ids=list(trace["prompt_token_ids"]) + path, rid=rid,
                                     lora_path=obj.lora_path,
@@ -92,7 +137,7 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
             sources.append(rid)
         summary = copy.copy(obj)
         summary.text = None
-        summary.input_ids = manager.tokenizer.encode(call.config.summary_prefix, add_special_tokens=False)
+        summary.input_ids = manager.tokenizer.encode(summary_prefix(call), add_special_tokens=False)
         summary.require_reasoning = False  # the context already holds the thinking
         params = dict(obj.sampling_params or {})
         params["custom_params"] = {**(params.get("custom_params") or {}), JOIN_KEY: {

@@ -155,6 +155,10 @@ class ThinkMergeCall:
     weights: list[float] = field(default_factory=list)  # the members' merge weights
     agreement: list[float | None] = field(default_factory=list)
     opener_tokens: int = 0  # the `<think>` the flow added to the route's prompt (0: it had one)
+    # parathink on a ParaThinker: each path's opening text and closing token id (`<think{i}>`,
+    # `</think{i}>`), and which of the launched paths the summary reads; None: plain `<think>` traces
+    paths: list[tuple[str, int]] | None = None
+    merged_paths: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0
     answer_tokens: int = 0
@@ -168,7 +172,7 @@ class ThinkMergeCall:
         """The `sgl_merge` extension field of the response."""
         if self.method == "parathink":
             return {"method": "parathink", "paths": self.config.k, "first": self.config.first,
-                    "positions": self.config.positions, "trace_outcomes": self.outcomes,
+                    "positions": self.config.positions, "layout": "parathinker" if self.paths else "plain", "trace_outcomes": self.outcomes,
                     "thinking_tokens": self.thinking_tokens, "answer_tokens": self.answer_tokens,
                     "traces": self.traces}
         out = {"k": self.config.k, "first": self.config.first, "mode": self.config.mode,
@@ -225,19 +229,20 @@ async def _last(outputs):
     return out
 
 
-def _trace_prompt(tokenizer, obj) -> tuple[dict, int]:
-    """The traces' prompt: the route's, opened with `<think>` unless it already ends with it (chat
-    templates that open thinking themselves); and how many tokens the opening added."""
-    opener = tokenizer.encode(THINK_OPEN + "\n", add_special_tokens=False)
+def _trace_prompt(tokenizer, obj, opening: str = THINK_OPEN + "\n", reopen: bool = False) -> tuple[dict, int]:
+    """A trace's prompt: the route's, opened with `opening` (`<think>` and a newline) unless it
+    already ends with `<think>` (chat templates that open thinking themselves) and not `reopen`
+    (ParaThinker's numbered paths are always opened); and how many tokens the opening added."""
+    opener = tokenizer.encode(opening, add_special_tokens=False)
     if obj.input_ids is not None:
         ids = list(obj.input_ids)
-        if tokenizer.decode(ids[-8:], skip_special_tokens=False).rstrip().endswith(THINK_OPEN):
+        if not reopen and tokenizer.decode(ids[-8:], skip_special_tokens=False).rstrip().endswith(THINK_OPEN):
             return {"input_ids": ids}, 0
         return {"input_ids": ids + opener}, len(opener)
     text = obj.text
-    if text.rstrip().endswith(THINK_OPEN):
+    if not reopen and text.rstrip().endswith(THINK_OPEN):
         return {"text": text}, 0
-    return {"text": text + THINK_OPEN + "\n"}, len(opener)
+    return {"text": text + opening}, len(opener)
 
 
 async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids: list[str]) -> list[dict]:
@@ -245,11 +250,17 @@ async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids
     from sglang.srt.managers.io_struct import GenerateReqInput
 
     cfg = call.config
-    prompt, call.opener_tokens = _trace_prompt(manager.tokenizer, obj)
+    if call.paths:  # a ParaThinker's paths: path i from the prompt opened with its own <think{i}>
+        opened = [_trace_prompt(manager.tokenizer, obj, opening, reopen=True) for opening, _ in call.paths]
+        prompts, closes = [p for p, _ in opened], [close for _, close in call.paths]
+        call.opener_tokens = opened[0][1]  # the same for every path: one "<think{i}>" token
+    else:
+        prompt, call.opener_tokens = _trace_prompt(manager.tokenizer, obj)
+        prompts, closes = [prompt] * cfg.k, [call.close_id] * cfg.k
     params = {"max_new_tokens": cfg.thinking_budget, "temperature": cfg.thinking_temperature,
-              "skip_special_tokens": False, "stop_token_ids": [call.close_id]}
-    reqs = [GenerateReqInput(**prompt, sampling_params=dict(params), rid=f"{call.rid}-think-{i}",
-                             return_prompt_token_ids=True, lora_path=obj.lora_path)
+              "skip_special_tokens": False}
+    reqs = [GenerateReqInput(**prompts[i], sampling_params={**params, "stop_token_ids": [closes[i]]},
+                             rid=f"{call.rid}-think-{i}", return_prompt_token_ids=True, lora_path=obj.lora_path)
             for i in range(cfg.k)]
     rids += [r.rid for r in reqs]
     index = {asyncio.ensure_future(_last(original(manager, r, raw_request))): i for i, r in enumerate(reqs)}
@@ -282,7 +293,8 @@ async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids
         raise ValueError(f"think_merge: only {len(finished)} of the {cfg.merged} thinking traces needed finished"
                          + (f": {errors[0]}" if errors else ""))
     if call.method == "parathink":
-        traces = [finished[i] for i in sorted(finished)]
+        call.merged_paths = sorted(finished)
+        traces = [finished[i] for i in call.merged_paths]
     else:
         traces = await _select(original, manager, obj, raw_request, call, finished, rids)
     call.traces = [t["text"].removesuffix(THINK_CLOSE).strip() for t in traces]

@@ -52,7 +52,8 @@ HELDOUT_SEED = 1_000_003
 HELDOUT_SIZE = 300
 
 
-def _apply(x: int, op: str, b: int) -> int:
+def apply_op(x: int, op: str, b: int) -> int:
+    """`x op b` mod 10 (op one of + - *)."""
     if op == "+":
         return (x + b) % MODULUS
     if op == "-":
@@ -84,7 +85,7 @@ def draw_chain(rng: random.Random, x0: int, n: int, label: str = "") -> tuple[li
             op, b = "-", rng.randint(1, 9)
         else:
             op, b = "*", rng.choice(MULTIPLIERS)
-        y = _apply(x, op, b)
+        y = apply_op(x, op, b)
         ops.append(f"{k}:{op}{b}")
         lines.append(f"{label}{k}:{x}{op}{b}={y}")
         x = y
@@ -144,6 +145,18 @@ def completion_text(problem: dict) -> str:
 def training_text(problem: dict) -> str:
     """The exact text the model is trained on: prompt followed by completion."""
     return prompt_text(problem["question"]) + completion_text(problem)
+
+
+def path_text(i: int, thinking: str) -> str:
+    """Path i (from 1) in ParaThinker's layout, which the bundled model also answers in (prompt,
+    then `<think1>`..`</think1>`, `<think2>`.., then the summary): its control tokens around the
+    thinking lines; `sgl_merge.models.parathinker` reads a token's segment from them."""
+    return f"<think{i}>\n{thinking}\n</think{i}>"
+
+
+def summary_text(answer: str) -> str:
+    """The summary after the paths: what a ParaThinker answers with."""
+    return f"<summary>\\boxed{{{answer}}}</summary><|im_end|>"
 
 
 def extract_answer(text: str) -> str | None:
