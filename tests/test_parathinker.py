@@ -9,6 +9,7 @@ import requests
 
 from conftest import TEST_SERVER_FLAGS
 from merge_reference import ParaThinkerReference, check_joined_greedy, check_merged_greedy
+from sgl_merge.models.parathinker import find_control_ids, path_logit_bias
 from sgl_merge.testing import ServeProcess, build_tiny_parathinker, free_port
 
 PROMPT = [5, 17, 33, 40, 41]
@@ -45,6 +46,16 @@ def path(ref, n, body):
     opens = {v: k for k, v in ref.opens.items()}
     closes = {v: k for k, v in ref.closes.items()}
     return [opens[n], *body, closes[n]]
+
+
+def test_a_path_may_sample_only_its_own_closing_control_token():
+    vocab = {"<summary>": 9, "</summary>": 10, "<think1>": 1, "</think1>": 2, "<think2>": 3, "</think2>": 4}
+    controls = find_control_ids(vocab.get)
+    assert controls == vocab
+    assert find_control_ids({"<think1>": 1, "</think1>": 2, "<think3>": 5, "</think3>": 6}.get) == {
+        "<think1>": 1, "</think1>": 2}  # numbered paths end at the first one missing
+    bias = path_logit_bias(controls, 2)
+    assert set(bias) == {"9", "10", "1", "2", "3"} and all(b <= -1e4 for b in bias.values())
 
 
 def test_segments_follow_the_tokens_and_outputs_equal_the_reference(pt_server, ref):
@@ -112,9 +123,11 @@ def test_parathink_with_numbered_paths(pt_server, ref, layout):
     state = program.run(backend=sgl.RuntimeEndpoint(pt_server.url))
     join = state.get_meta_info("answer_join")
     numbers = []
+    controls = {*ref.opens, *ref.closes, ref.summary}
     for ids, text in zip(join["paths"], state["answer_thinking"]):  # in the order they finished
         n = ref.opens[ids[0]]
         assert ref.closes.get(ids[-1]) == n and text.startswith(f"<think{n}>") and text.endswith(f"</think{n}>")
+        assert not controls & set(ids[1:-1]), ids  # no other control token sampled inside a path
         numbers.append(n)
     assert sorted(numbers) == [1, 2, 3]
     assert join["continuation"] == [ref.summary]

@@ -90,6 +90,27 @@ def test_shipped_model_directory():
     assert "chat_template" in json.loads((MODEL_DIR / "tokenizer_config.json").read_text())
 
 
+def test_shipped_model_is_a_tiny_parathinker_whose_plain_requests_run_the_base_computation():
+    """The second training stage (`scripts/train_tiny_parathinker.py`): ParaThinker's control tokens
+    and per-layer segment embeddings, with segment 0 (prompt, plain `<think>` traces, summary) held
+    at zero, so single / vote / ThinkMerge requests compute what a plain Qwen2 of the weights does."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    assert config["max_segments"] == 9
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    for text in ("<think1>", "</think8>", "<summary>", "</summary>"):
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) == 1, text
+    weights = load_file(str(MODEL_DIR / "model.safetensors"))
+    tables = [w for name, w in weights.items() if name.endswith("self_attn.seg_embeddings.weight")]
+    assert len(tables) == config["num_hidden_layers"]
+    assert all(t.shape[0] == 9 and not t[0].any() and t[1:].abs().sum() > 0 for t in tables)
+    meta = json.loads((MODEL_DIR / "sgl_merge_tiny_reasoner.json").read_text())
+    para = meta["eval"]["summary_parts"]
+    assert para["summary@8"] > para["vote@8"]  # the summary reads 8 paths better than their vote
+
+
 def test_shipped_model_loads_and_answers_in_format():
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM

@@ -26,8 +26,10 @@ The main job on the embedded default: start the CPU server with the bundled tiny
 its two held-out tasks: "chain" (one chain of mod-10 arithmetic, a one-digit answer) and "parts"
 (four short chains answered together as one line, scored whole). On each, a single trace, majority
 vote@k and ThinkMerge@k (uniform, confidence-weighted, and over the most confident half) for k in
-2, 4, 8, all reading the same 8 thinking traces per problem; print accuracy with 95% confidence
-intervals, paired differences and tokens used, write results and a plot per task, stop the server."""
+2, 4, 8, all reading the same 8 thinking traces per problem, and parathink@k (the bundled model is
+also a tiny ParaThinker: 8 numbered paths per problem, one summary joined over the first k); print
+accuracy with 95% confidence intervals, paired differences and tokens used, write results and a
+plot per task, stop the server."""
 
 EVAL_DESCRIPTION = """\
 Evaluate single trace, majority vote@k and ThinkMerge@k on your server, model and data.
@@ -115,7 +117,7 @@ def demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sgl-merge demo", description=DEMO_DESCRIPTION)
     _add_common(p, "sgl-merge-demo")
     p.add_argument("--problems", type=int, default=None,
-                   help="held-out problems per task (default 150 of the 300 chain ones and 100 of the 200 parts "
+                   help="held-out problems per task (default 100 of the 300 chain ones and 70 of the 200 parts "
                         "ones, which keeps the demo near 4 minutes on a 2-core CPU)")
     p.add_argument("--tasks", default="chain,parts", help="which of chain,parts to run (default both)")
     args = p.parse_args(argv)
@@ -127,15 +129,15 @@ def demo(argv: list[str]) -> int:
     # tokens, answers a handful; answers greedy, as for every method.
     common = dict(ks=args.k, prompt="{question}", thinking_temperature=0.7, answer_temperature=0.0,
                   weightings=tuple(runner.WEIGHTINGS), concurrency=args.concurrency)
-    setups = {"chain": (HELDOUT, 150, EvalConfig(task="math", thinking_budget=128, answer_tokens=16, **common)),
-              "parts": (parts.HELDOUT, 100, EvalConfig(task="exact", thinking_budget=192, answer_tokens=24, **common))}
+    setups = {"chain": (HELDOUT, 100, EvalConfig(task="math", thinking_budget=128, answer_tokens=16, **common)),
+              "parts": (parts.HELDOUT, 70, EvalConfig(task="exact", thinking_budget=192, answer_tokens=24, **common))}
     start = time.monotonic()
     try:
         for name in tasks:
             dataset, _, cfg = setups[name]
             _check_config(args.out / name, cfg, str(dataset))
-        # parathink@8 reads 8 traces' KV at once: more tokens than the model's 512 positions, while its
-        # own positions stay within prompt + the longest trace ("after_longest"). So the server takes
+        # parathink@8 reads 8 paths' KV at once: more tokens than the model's 512 positions, while its
+        # own positions stay within prompt + the longest path ("after_longest"). So the server takes
         # 4096 tokens of context; no method uses a position past 512.
         flags = ["--dtype", "float32", "--max-total-tokens", "100000", "--max-running-requests", "512",
                  "--context-length", "4096"]

@@ -15,7 +15,8 @@ every method is read off the same traces, so the methods are compared pairwise:
   prompt, then each path, then the answer at positions after the longest path (ParaThinker's
   summary). On a ParaThinker checkpoint (the server's tokenizer has `<think1>` and `<summary>`
   tokens) the paths are its own: max(k) more paths per problem, path i from prompt + `<think{i}>`
-  to `</think{i}>`, and the summary starts with `<summary>`; on any other model the paths are the
+  to `</think{i}>` (no other control token sampled inside it: `path_logit_bias`), and the summary
+  starts with `<summary>`; on any other model the paths are the
   traces above (`<think>` ... `</think>`) and the answer starts with a newline, as after
   `</think>`: a join of plain traces on a model not trained for it. Each record says which
   (`parathink_layout`).
@@ -41,6 +42,7 @@ import requests
 from sgl_merge import confidence
 from sgl_merge.evaluation.scoring import correct, vote_key
 from sgl_merge.frontend.merge import majority
+from sgl_merge.models.parathinker import find_control_ids, path_logit_bias
 
 METHODS = ("single", "vote", "merge", "parathink")
 # merge@k's variants: which rows to run, and the record key / row name of each.
@@ -100,18 +102,21 @@ class Server:
         self.think_prefix = self.tokenize("<think>\n")
         # ParaThinker's layout, where the model has it: numbered paths, a `<summary>` after them;
         # else parathink's answer follows the plain traces as it follows </think>.
-        numbered = [self.tokenize(t) for t in ("<think1>", "</think1>", "<summary>")]
-        self.numbered_paths = all(len(ids) == 1 for ids in numbered)
-        self.summary_prefix = numbered[2] if self.numbered_paths else self.tokenize("\n")
+        self.controls = find_control_ids(self._single) if self._single("<think1>") is not None else {}
+        self.numbered_paths = "<think1>" in self.controls and "<summary>" in self.controls
+        self.summary_prefix = [self.controls["<summary>"]] if self.numbered_paths else self.tokenize("\n")
+
+    def _single(self, text: str) -> int | None:
+        ids = self.tokenize(text)
+        return ids[0] if len(ids) == 1 else None
 
     def path_delimiters(self, i: int) -> tuple[list[int], int]:
         """A ParaThinker's path i (from 1): the ids of `<think{i}>` (the model writes what follows, as
         in the frontend's `sgl_merge.parathink`) and of `</think{i}>`."""
-        close = self.tokenize(f"</think{i}>")
-        if len(close) != 1:
+        if f"</think{i}>" not in self.controls:
             raise EvalError(f"the model at {self.url} has no single </think{i}> token: its ParaThinker layout has "
                             f"fewer than {i} paths; pass a smaller --k")
-        return self.tokenize(f"<think{i}>"), close[0]
+        return [self.controls[f"<think{i}>"]], self.controls[f"</think{i}>"]
 
     def post(self, path: str, body: dict):
         try:
@@ -150,7 +155,8 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
         bare = prompt[:len(prompt) - opener]
         delimiters = [server.path_delimiters(i) for i in range(1, max(cfg.ks) + 1)]
         inputs += [bare + path_open for path_open, _ in delimiters]
-        params += [{**thinking, "stop_token_ids": [close]} for _, close in delimiters]
+        params += [{**thinking, "stop_token_ids": [close], "logit_bias": path_logit_bias(server.controls, i)}
+                   for i, (_, close) in enumerate(delimiters, 1)]
     outs = server.generate(inputs, params)
     traces = outs[:n]
     contexts = [prompt + _closed(t["output_ids"], server.close_id) for t in traces]

@@ -360,9 +360,9 @@ def _think_params(budget, temperature, think_close, close_ids) -> dict:
     return params
 
 
-def _think(url, key, prompts, k, budget, temperature, closes) -> tuple[list[dict], list[str], list[int]]:
+def _think(url, key, prompts, k, budget, temperature, closes, extra=None) -> tuple[list[dict], list[str], list[int]]:
     """Run one thinking trace per prompt concurrently (`prompts[i]` ids, stopping at `closes[i]`, a
-    (text, ids) pair); return the first k to finish (ending the rest), each launched trace's
+    (text, ids) pair, with `extra[i]` sampling parameters where given); return the first k to finish (ending the rest), each launched trace's
     outcome, and the launch index of each returned. Traces stream, so one that is no longer needed
     ends when its stream is closed (SGLang aborts a request whose client left), also where
     `/abort_request` is not served."""
@@ -374,7 +374,8 @@ def _think(url, key, prompts, k, budget, temperature, closes) -> tuple[list[dict
 
     def run(trace):
         i = traces.index(trace)
-        body = {"input_ids": prompts[i], "sampling_params": _think_params(budget, temperature, *closes[i]),
+        body = {"input_ids": prompts[i],
+                "sampling_params": {**_think_params(budget, temperature, *closes[i]), **(extra[i] if extra else {})},
                 "rid": trace.rid, "stream": True}
         try:
             trace.result = _stream_until(url, body, key, enough)

@@ -34,7 +34,21 @@ from sgl_merge.frontend.merge import (
     ensure_merge_server,
     trace_counts,
 )
+from sgl_merge.models.parathinker import find_control_ids, path_logit_bias
 from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS
+
+_controls: dict[str, dict[str, int]] = {}  # URL -> its model's ParaThinker control tokens, asked once
+
+
+def _control_ids(url: str, key: str) -> dict[str, int]:
+    """The server's ParaThinker control tokens (text -> id), so that no path samples another's."""
+    if url not in _controls:
+        def single(text):
+            ids = _tokenize(url, text, key)
+            return ids[0] if len(ids) == 1 else None
+
+        _controls[url] = find_control_ids(single)
+    return _controls[url]
 
 
 def parathink(s, paths: int | None = None, *, first: int | None = None, n: int | None = None,
@@ -81,16 +95,19 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
             summary_prefix = "<summary>" if layout and "{i}" in think_open else "\n"
     prompt_ids = _context(url, ex, key)
     numbered = "{i}" in think_open
+    extra = None
     if numbered:  # ParaThinker's <think1> .. </think1>, <think2> ...: path i's own control tokens
         opens = [think_open.format(i=i + 1) for i in range(n)]
         closes = [think_close.format(i=i + 1) for i in range(n)]
+        controls = _control_ids(url, key)
+        extra = [{"logit_bias": path_logit_bias(controls, i + 1)} for i in range(n)]
     else:
         opened = ex.text_.rstrip().endswith(think_open)
         opens, closes = ["" if opened else think_open + "\n"] * n, [think_close] * n
     open_ids = [_tokenize(url, o, key) if o else [] for o in opens]
     close_ids = [_tokenize(url, c, key) for c in closes]
     traces, outcome, launched = _think(url, key, [prompt_ids + o for o in open_ids], k, thinking_budget,
-                                       thinking_temperature, list(zip(closes, close_ids)))
+                                       thinking_temperature, list(zip(closes, close_ids)), extra)
     path_ids, texts = [], []
     for trace, i in zip(traces, launched):
         ids, text = list(trace["output_ids"]), trace["text"]

@@ -48,6 +48,33 @@ def control_tokens(max_paths: int) -> dict[str, int]:
     return tokens
 
 
+STRAY_BIAS = -1e4  # logit bias that keeps a control token out of a path
+
+
+def path_logit_bias(control_ids: dict[str, int], path: int) -> dict[str, float]:
+    """SGLang `logit_bias` for sampling path `path` (from 1): every control token but the path's own
+    `</think{path}>` made unsampleable. A stray `</think5>` or `<summary>` sampled inside path 7
+    (the control tokens' embeddings sit close together in a small model) puts the path off the
+    layout its summary was trained on; the authors' vLLM rewrites such tokens, this never samples
+    them. `control_ids`: control token text -> id, for those the tokenizer has (`<thinkN>`,
+    `</thinkN>`, `<summary>`, `</summary>`)."""
+    own = f"</think{path}>"
+    return {str(i): STRAY_BIAS for text, i in control_ids.items() if text != own}
+
+
+def find_control_ids(single) -> dict[str, int]:
+    """The control tokens a tokenizer has, text -> id: `<summary>`, `</summary>` and `<thinkN>` /
+    `</thinkN>` for N = 1, 2, ... while both exist. `single(text)`: the id of `text` where it is
+    one token, else None (a tokenizer, or a server's /tokenize)."""
+    ids = {text: i for text in ("<summary>", "</summary>") if (i := single(text)) is not None}
+    for n in range(1, DEFAULT_MAX_SEGMENTS + 1):
+        pair = {text: single(text) for text in (f"<think{n}>", f"</think{n}>")}
+        if None in pair.values():
+            break
+        ids.update(pair)
+    return ids
+
+
 def opens_segment(text: str) -> bool:
     """Whether a control token sets the segment of the tokens after it (not a `</thinkN>`)."""
     return not text.startswith("</")

@@ -7,7 +7,8 @@ reads every path's KV (the KV join), beside `think_merge` and with its conventio
 The paths are the think_merge flow's traces (`sgl_merge.serving.think_merge`; `first` summarises
 once that many finished and aborts the rest), in one of two layouts:
 - "parathinker" (what "auto" picks when the tokenizer has ParaThinker's control tokens): path i is
-  the route's prompt + `<think{i}>` (no newline, as in the frontend), closed by `</think{i}>`, so a ParaThinker
+  the route's prompt + `<think{i}>` (no newline, as in the frontend), closed by `</think{i}>`
+  (no other control token is sampled inside it), so a ParaThinker
   checkpoint gives it segment i (`sgl_merge.models.parathinker`); the summary starts with
   `<summary>`;
 - "plain" (any thinking model): every path is `<think>` + its thinking + `</think>`, as in the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from sgl_merge.models.parathinker import find_control_ids, path_logit_bias
 from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS, RELEASE_RID
 from sgl_merge.serving.think_merge import ThinkMergeError, _integer, _last, _temperature
 
@@ -86,14 +88,16 @@ def _single_token(tokenizer, text: str) -> int | None:
     return ids[0] if len(ids) == 1 and tokenizer.decode(ids) == text else None
 
 
-def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[tuple[str, int]] | None:
-    """ParaThinker's paths for this call, each path's opening text and closing token id, or None
+def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[tuple[str, int, dict]] | None:
+    """ParaThinker's paths for this call, each path's opening text, closing token id and logit bias
+    (no other control token sampled inside it, `path_logit_bias`), or None
     for plain `<think>` traces: per `config.layout`, "auto" taking ParaThinker's where the tokenizer
     has `<think1>` and `<summary>` as tokens. A "parathinker" layout the tokenizer cannot give (too
     few numbered paths, or none) is a ThinkMergeError naming `parathink.layout` or `parathink.paths`."""
     if config.layout == "plain" or (config.layout == "auto" and (_single_token(tokenizer, "<think1>") is None
                                                                  or _single_token(tokenizer, "<summary>") is None)):
         return None
+    controls = find_control_ids(lambda text: _single_token(tokenizer, text))
     paths = []
     for i in range(1, config.k + 1):
         close = _single_token(tokenizer, f"</think{i}>")
@@ -105,7 +109,7 @@ def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[tup
             raise ThinkMergeError(f"{FIELD}.paths", f"{FIELD}.paths is {config.k}, but {model_path} is a ParaThinker "
                                   f"with {i - 1} numbered paths (no <think{i}> token); lower paths, or send "
                                   'layout "plain"')
-        paths.append((f"<think{i}>", close))
+        paths.append((f"<think{i}>", close, path_logit_bias(controls, i)))
     return paths
 
 

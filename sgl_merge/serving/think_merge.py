@@ -155,9 +155,10 @@ class ThinkMergeCall:
     weights: list[float] = field(default_factory=list)  # the members' merge weights
     agreement: list[float | None] = field(default_factory=list)
     opener_tokens: int = 0  # the `<think>` the flow added to the route's prompt (0: it had one)
-    # parathink on a ParaThinker: each path's opening text and closing token id (`<think{i}>`,
-    # `</think{i}>`), and which of the launched paths the summary reads; None: plain `<think>` traces
-    paths: list[tuple[str, int]] | None = None
+    # parathink on a ParaThinker: each path's opening text, closing token id and logit bias
+    # (`<think{i}>`, `</think{i}>`, other control tokens barred), and which of the launched paths
+    # the summary reads; None: plain `<think>` traces
+    paths: list[tuple[str, int, dict]] | None = None
     merged_paths: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -251,15 +252,16 @@ async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids
 
     cfg = call.config
     if call.paths:  # a ParaThinker's paths: path i from the prompt opened with its own <think{i}>
-        opened = [_trace_prompt(manager.tokenizer, obj, opening, reopen=True) for opening, _ in call.paths]
-        prompts, closes = [p for p, _ in opened], [close for _, close in call.paths]
+        opened = [_trace_prompt(manager.tokenizer, obj, opening, reopen=True) for opening, _, _ in call.paths]
+        prompts = [p for p, _ in opened]
+        closes, extra = [close for _, close, _ in call.paths], [{"logit_bias": bias} for _, _, bias in call.paths]
         call.opener_tokens = opened[0][1]  # the same for every path: one "<think{i}>" token
     else:
         prompt, call.opener_tokens = _trace_prompt(manager.tokenizer, obj)
-        prompts, closes = [prompt] * cfg.k, [call.close_id] * cfg.k
+        prompts, closes, extra = [prompt] * cfg.k, [call.close_id] * cfg.k, [{}] * cfg.k
     params = {"max_new_tokens": cfg.thinking_budget, "temperature": cfg.thinking_temperature,
               "skip_special_tokens": False}
-    reqs = [GenerateReqInput(**prompts[i], sampling_params={**params, "stop_token_ids": [closes[i]]},
+    reqs = [GenerateReqInput(**prompts[i], sampling_params={**params, "stop_token_ids": [closes[i]], **extra[i]},
                              rid=f"{call.rid}-think-{i}", return_prompt_token_ids=True, lora_path=obj.lora_path)
             for i in range(cfg.k)]
     rids += [r.rid for r in reqs]
