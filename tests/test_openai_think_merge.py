@@ -373,7 +373,9 @@ def test_parathink_field_equals_the_frontend_parathink(server, client, tokenizer
 
 
 def test_parathink_field_streams_progress_then_the_summary(server):
+    # ignore_eos: the summary over sampled paths may otherwise end before its 6 tokens
     body = {"model": "tiny", "messages": QUESTION, "max_tokens": 6, "temperature": 0, "stream": True,
+            "ignore_eos": True,
             "parathink": {"paths": 3, "first": 2, "thinking_budget": 200, "thinking_temperature": 1.0}}
     phases, content, final = [], "", None
     with requests.post(f"{server.url}/v1/chat/completions", json=body, stream=True, timeout=300) as r:
