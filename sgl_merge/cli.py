@@ -20,7 +20,12 @@ usage: sgl-merge serve [SGLang server arguments]
 
 Start an SGLang server (python -m sglang.launch_server) with the sgl-merge plugin, wait until its
 scheduler reports sgl-merge active, print where it listens, and run until Ctrl-C or SIGTERM, which
-stop all of its processes. Every argument is SGLang's own and is passed through unchanged.
+stop all of its processes. SGLang's arguments are passed through unchanged.
+
+sgl-merge's own option (every other argument is SGLang's):
+  --wait-timeout S   seconds to wait for the server to report ready (default 1800: a large model's
+                     first start downloads, loads and captures CUDA graphs); the launcher says what
+                     the server is doing while it waits, and stops at once if the server dies
 
 On a machine without a GPU, or with --device cpu, the CPU engine settings are added unless you set
 them yourself: SGLANG_USE_CPU_ENGINE=1, --device cpu, --attention-backend torch_native,
@@ -37,13 +42,18 @@ SGLang's server arguments follow.
 
 def serve(argv: list[str]) -> int:
     from sgl_merge.compat import SGLangVersionError, check_sglang_version
-    from sgl_merge.server import ServerProcess, ServerStartError, describe
+    from sgl_merge.server import ServerProcess, ServerStartError, describe, print_progress, split_wait_timeout
 
     if any(a in ("-h", "--help") for a in argv):
         print(SERVE_HELP)
         from sgl_merge.server import validate_args
 
         validate_args(["--help"])  # SGLang's own argument help; exits
+    try:
+        wait_timeout, argv = split_wait_timeout(argv)
+    except ValueError as e:
+        print(f"sgl-merge serve: {e}", file=sys.stderr)
+        return 2
     try:
         check_sglang_version()
     except SGLangVersionError as e:
@@ -62,7 +72,7 @@ def serve(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        server.start()
+        server.start(timeout=wait_timeout, progress=print_progress)
         print(describe(server), flush=True)
         return server.proc.wait()
     except ServerStartError as e:

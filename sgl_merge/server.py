@@ -37,8 +37,38 @@ CPU_DEFAULT_FLAGS: list[tuple[str, str | None]] = [
 ]
 
 
+# How long a launcher waits for the server to report ready: a cold start of a large model (download,
+# weight loading, CUDA graph captures, NCCL for tensor parallelism) can take many minutes.
+DEFAULT_WAIT_TIMEOUT_S = 1800.0
+WAIT_FLAG = "--wait-timeout"
+PROGRESS_EVERY_S = 15.0
+
+
 class ServerStartError(RuntimeError):
     """The server exited or never became ready with sgl-merge active."""
+
+
+def split_wait_timeout(argv: list[str]) -> tuple[float, list[str]]:
+    """`--wait-timeout S` (sgl-merge's own flag, not SGLang's) taken out of `argv`: (S, the rest).
+    A ValueError names the flag when S is not a positive number of seconds."""
+    value, rest = None, []
+    it = iter(argv)
+    for arg in it:
+        if arg == WAIT_FLAG:
+            value = next(it, "")
+        elif arg.startswith(WAIT_FLAG + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if value is None:
+        return DEFAULT_WAIT_TIMEOUT_S, rest
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{WAIT_FLAG} takes a positive number of seconds to wait for the server, got {value!r}")
+    return seconds, rest
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -109,6 +139,8 @@ class ServerProcess:
     proc: subprocess.Popen | None = None
     url: str = ""
     status: dict | None = None
+    # What runs the server (the arguments follow): SGLang's launcher.
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "sglang.launch_server"])
 
     @classmethod
     def prepare(cls, argv: list[str], log_path: str | None = None) -> "ServerProcess":
@@ -123,10 +155,13 @@ class ServerProcess:
         port = args.port
         return cls(argv=argv, log_path=log_path, env=env, url=f"http://{host}:{port}")
 
-    def start(self, timeout: float = 180.0, require_plugin: bool = True) -> "ServerProcess":
-        """Launch and wait until healthy and (unless `require_plugin` is False, which only a
-        comparison against stock SGLang wants) reporting sgl-merge active."""
-        cmd = [sys.executable, "-m", "sglang.launch_server", *self.argv]
+    def start(self, timeout: float = DEFAULT_WAIT_TIMEOUT_S, require_plugin: bool = True,
+              progress=None) -> "ServerProcess":
+        """Launch and wait up to `timeout` seconds until healthy and (unless `require_plugin` is
+        False, which only a comparison against stock SGLang wants) reporting sgl-merge active.
+        `progress(elapsed_s, line)`, if given, hears every PROGRESS_EVERY_S seconds of waiting what
+        the server is doing (its log's newest line, where it logs to a file; else None)."""
+        cmd = [*self.command, *self.argv]
         out = open(self.log_path, "ab") if self.log_path else None
         self.proc = subprocess.Popen(
             cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
@@ -135,19 +170,20 @@ class ServerProcess:
         if out:
             out.close()
         try:
-            self._wait_ready(timeout, require_plugin)
+            self._wait_ready(timeout, require_plugin, progress)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self, timeout: float, require_plugin: bool) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait_ready(self, timeout: float, require_plugin: bool, progress) -> None:
+        start = time.monotonic()
+        deadline, next_report = start + timeout, start + PROGRESS_EVERY_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServerStartError(
                     f"SGLang server exited with code {self.proc.returncode} before it was ready"
-                    + self._log_hint()
+                    + self._log_hint(tail=True)
                 )
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
@@ -162,11 +198,35 @@ class ServerProcess:
                     )
             except requests.RequestException:
                 pass
+            if progress is not None and time.monotonic() >= next_report:
+                next_report += PROGRESS_EVERY_S
+                progress(time.monotonic() - start, self._last_log_line())
             time.sleep(0.5)
-        raise ServerStartError(f"SGLang server not ready after {timeout:.0f} s" + self._log_hint())
+        raise ServerStartError(f"SGLang server not ready after {timeout:.0f} s (a large model's first start can take "
+                               f"longer: raise {WAIT_FLAG})" + self._log_hint(tail=True))
 
-    def _log_hint(self) -> str:
-        return f" (server log: {self.log_path})" if self.log_path else ""
+    def _last_log_line(self) -> str | None:
+        lines = self._log_tail(1)
+        return lines[-1] if lines else None
+
+    def _log_tail(self, n: int) -> list[str]:
+        """The last `n` non-empty lines of the server log (progress bars' carriage returns split)."""
+        if not self.log_path:
+            return []
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - 16384))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return []
+        lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+        return [ln[:200] for ln in lines[-n:]]
+
+    def _log_hint(self, tail: bool = False) -> str:
+        if not self.log_path:
+            return ""
+        last = self._log_tail(12) if tail else []
+        return f" (server log: {self.log_path})" + ("; its last lines:\n  " + "\n  ".join(last) if last else "")
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM the launcher (SGLang drains and stops its children), then SIGKILL whatever is
@@ -199,6 +259,11 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
+def print_progress(elapsed: float, line: str | None) -> None:
+    """A launcher's word while the server starts: how long so far, and its log's newest line."""
+    print(f"  still starting ({elapsed:.0f} s)" + (f": {line}" if line else "..."), file=sys.stderr, flush=True)
+
+
 def describe(server: ServerProcess) -> str:
     status = server.status or {}
     return (
@@ -226,7 +291,7 @@ def running(url: str | None, model_path: str | None, flags: list[str] = (), quie
         if not quiet:
             print("starting the server (on CPU about 30 s)...", flush=True)
         try:
-            server.start()
+            server.start(progress=None if quiet else print_progress)
             if not quiet:
                 print(describe(server), flush=True)
             yield server.url

@@ -152,14 +152,15 @@ class ParaThinkerReference:
                     1, 1, out.shape[-1] // self.head_dim))
 
     def segments(self, ids, state: int = 0) -> list[int]:
-        """Segment of every token: <thinkN> .. </thinkN> are path N, <summary> on is 0 (the prompt's)."""
-        out = []
+        """Segment of every token: <thinkN> .. </thinkN> are path N; from <summary> to the end all is
+        segment 0 (the prompt's), control tokens sampled in the summary included (per-stage ids)."""
+        out, in_summary = [], False
         for t in ids:
-            if t in self.opens:
+            if t == self.summary:
+                in_summary = True
+            elif t in self.opens and not in_summary:
                 state = self.opens[t]
-            elif t == self.summary:
-                state = 0
-            out.append(self.closes.get(t, state))
+            out.append(0 if in_summary else self.closes.get(t, state))
         return out
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ import requests
 
 from conftest import TEST_SERVER_FLAGS
 from merge_reference import ParaThinkerReference, check_joined_greedy, check_merged_greedy
-from sgl_merge.models.parathinker import find_control_ids, path_logit_bias
+from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
 from sgl_merge.testing import ServeProcess, build_tiny_parathinker, free_port
 
 PROMPT = [5, 17, 33, 40, 41]
@@ -48,14 +48,17 @@ def path(ref, n, body):
     return [opens[n], *body, closes[n]]
 
 
-def test_a_path_may_sample_only_its_own_closing_control_token():
-    vocab = {"<summary>": 9, "</summary>": 10, "<think1>": 1, "</think1>": 2, "<think2>": 3, "</think2>": 4}
+def test_a_stage_may_sample_only_its_own_closing_control_token():
+    vocab = {"<summary>": 9, "</summary>": 10, "<think1>": 1, "</think1>": 2, "<think2>": 3, "</think2>": 4,
+             "<think>": 11, "</think>": 12}
     controls = find_control_ids(vocab.get)
     assert controls == vocab
     assert find_control_ids({"<think1>": 1, "</think1>": 2, "<think3>": 5, "</think3>": 6}.get) == {
         "<think1>": 1, "</think1>": 2}  # numbered paths end at the first one missing
-    bias = path_logit_bias(controls, 2)
-    assert set(bias) == {"9", "10", "1", "2", "3"} and all(b <= -1e4 for b in bias.values())
+    bias = path_logit_bias(controls, 2)  # plain <think> / </think> too: the authors' engine rewrites them
+    assert set(bias) == {"9", "10", "1", "2", "3", "11", "12"} and all(b <= -1e4 for b in bias.values())
+    bias = summary_logit_bias(controls)
+    assert set(bias) == {"9", "1", "2", "3", "4", "11", "12"} and all(b <= -1e4 for b in bias.values())
 
 
 def test_segments_follow_the_tokens_and_outputs_equal_the_reference(pt_server, ref):
@@ -70,7 +73,12 @@ def test_segments_follow_the_tokens_and_outputs_equal_the_reference(pt_server, r
              # a stray </think3> sampled inside path 1 is in segment 3 and leaves path 1's alone,
              # in a prefill and when decoding goes on right after it
              PROMPT + path(ref, 1, [60, closes[3], 61]) + [ref.summary, 80],
-             PROMPT + [opens[1], 60, closes[3]]]
+             PROMPT + [opens[1], 60, closes[3]],
+             # control tokens sampled inside a summary leave it in segment 0 (the authors' per-stage
+             # ids), in a prefill and when decoding goes on right after them
+             PROMPT + path(ref, 1, [60]) + [ref.summary, 80, opens[2], 81, closes[3], 82],
+             PROMPT + path(ref, 2, [70]) + [ref.summary, 80, opens[3]],
+             PROMPT + [ref.summary, 80, closes[1]]]
     differs = False
     for ids in cases:
         out = generate(pt_server, ids)["output_ids"]
@@ -131,6 +139,7 @@ def test_parathink_with_numbered_paths(pt_server, ref, layout):
         numbers.append(n)
     assert sorted(numbers) == [1, 2, 3]
     assert join["continuation"] == [ref.summary]
+    assert not controls & set(join["output_ids"])  # nor inside the summary
     prompt = requests.post(f"{pt_server.url}/tokenize", json={"prompt": "Question: 12 + 30?\n"},
                            timeout=30).json()["tokens"]
     assert join["prompt_len"] == len(prompt)

@@ -42,7 +42,7 @@ import requests
 from sgl_merge import confidence
 from sgl_merge.evaluation.scoring import correct, vote_key
 from sgl_merge.frontend.merge import majority
-from sgl_merge.models.parathinker import find_control_ids, path_logit_bias
+from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
 
 METHODS = ("single", "vote", "merge", "parathink")
 # merge@k's variants: which rows to run, and the record key / row name of each.
@@ -210,8 +210,9 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
             "correct": correct(cfg.task, leader["text"], problem, cfg.code_timeout_s)}
     if "parathink" in cfg.methods:
         record["parathink_layout"] = "parathinker" if numbered else "plain traces"
+        summary = {**answer, "logit_bias": summary_logit_bias(server.controls)} if numbered else answer
         record["parathink"] = _parathink(server, cfg, problem, path_contexts if numbered else contexts,
-                                         len(prompt) - opener, answer)
+                                         len(prompt) - opener, summary)
     return record
 
 

@@ -34,7 +34,7 @@ from sgl_merge.frontend.merge import (
     ensure_merge_server,
     trace_counts,
 )
-from sgl_merge.models.parathinker import find_control_ids, path_logit_bias
+from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
 from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS
 
 _controls: dict[str, dict[str, int]] = {}  # URL -> its model's ParaThinker control tokens, asked once
@@ -101,6 +101,7 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
         closes = [think_close.format(i=i + 1) for i in range(n)]
         controls = _control_ids(url, key)
         extra = [{"logit_bias": path_logit_bias(controls, i + 1)} for i in range(n)]
+        sampling["logit_bias"] = {**(sampling.get("logit_bias") or {}), **summary_logit_bias(controls)}
     else:
         opened = ex.text_.rstrip().endswith(think_open)
         opens, closes = ["" if opened else think_open + "\n"] * n, [think_close] * n

@@ -99,7 +99,22 @@ def pack_groups(
         group_weights[g, : len(rows)] = w / w.sum()
         group_modes[g] = mode
         group_taus[g] = tau
-    return tuple(t.to(device) for t in (group_rows, group_weights, group_modes, group_taus))
+    return tuple(to_device(t, device) for t in (group_rows, group_weights, group_modes, group_taus))
+
+
+def to_device(host: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """`host` (a fresh CPU tensor) on `device` without blocking the host: through pinned memory and
+    a non-blocking copy on CUDA, as SGLang moves its own per-batch tables. The caching host
+    allocator keeps the pinned block alive until the copy has run."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def modes_of(groups_modes: Iterable) -> frozenset[int]:
+    """The merge modes (MODES values) in use, from per-group mode names or values (host side)."""
+    return frozenset(MODES[m] if isinstance(m, str) else int(m) for m in groups_modes)
 
 
 def _check_layout(logits, group_rows, group_weights, group_modes, group_taus) -> None:
@@ -149,7 +164,7 @@ def merge_logits_reference(
 
 def merge_logits_torch(
     logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor,
-    group_taus: torch.Tensor,
+    group_taus: torch.Tensor, modes: frozenset[int] | None = None,
 ) -> None:
     """Vectorised torch merge (the CPU runtime's path): gathers every group's members into a
     `[G, K_MAX, V]` fp32 scratch, merges all groups at once and scatters the result back.
@@ -158,6 +173,10 @@ def merge_logits_torch(
     per group on the host would need a sync. Padding slots gather and rewrite the group's first
     member: they read a value they then ignore and write the very row that member receives anyway,
     so the duplicate index in `index_copy_` is harmless. Scratch is ~5 x G x K_MAX x V fp32.
+
+    `modes` (host side, e.g. from `modes_of` when the batch changed): the modes the groups use, if
+    known. A batch of mode "logits" groups only, the default, then takes the weighted sum alone
+    (scratch 1 x G x K_MAX x V) instead of evaluating every mode's formula.
     """
     n_groups, k_max = group_rows.shape
     if n_groups == 0:
@@ -166,6 +185,11 @@ def merge_logits_torch(
     live = (group_rows >= 0)[..., None]  # [G, K, 1]
     rows = torch.where(live[..., 0], group_rows, group_rows[:, :1]).flatten().long()
     z = logits.index_select(0, rows).view(n_groups, k_max, -1).float()
+    if modes is not None and modes <= {MODE_LOGITS}:
+        w = group_weights.view(n_groups, k_max, 1)
+        merged = torch.where(live & (w > 0), w * z, 0.0).sum(1).to(logits.dtype)
+        logits.index_copy_(0, rows, merged.unsqueeze(1).expand(-1, k_max, -1).flatten(0, 1))
+        return
     modes = group_modes.view(n_groups, 1, 1)
     log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)
     # Mode 3: per-member weights from each member's entropy, renormalised over the live members.
@@ -326,7 +350,7 @@ def _merge_kernel(
 
 def merge_logits_triton(
     logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor,
-    group_taus: torch.Tensor,
+    group_taus: torch.Tensor, modes: frozenset[int] | None = None,
 ) -> None:
     """Triton merge: a log-sum-exp kernel, then the merge kernel.
 
@@ -335,6 +359,7 @@ def merge_logits_triton(
     would need a grid-wide barrier or every program re-reading whole rows; a separate reduction
     costs one more read of the grouped rows (mode 0 groups skip it) and keeps both kernels simple
     and bandwidth-bound. The partials scratch is 3 x G x K_MAX x ceil(V / LSE_CHUNK_V) fp32 values.
+    With `modes` known to be mode "logits" only (host side), the log-sum-exp launch is skipped.
     """
     n_groups, k_max = group_rows.shape
     if n_groups == 0:
@@ -350,7 +375,8 @@ def merge_logits_triton(
         part_max_ptr=part_max, part_sum_ptr=part_sum, part_mom_ptr=part_mom, V=V, num_chunks=num_chunks,
         K_MAX=k_max, BLOCK_V=BLOCK_V,
     )
-    _lse_partials_kernel[(n_groups, k_max, num_chunks)](CHUNK_V=LSE_CHUNK_V, num_warps=NUM_WARPS, **common)
+    if modes is None or not modes <= {MODE_LOGITS}:
+        _lse_partials_kernel[(n_groups, k_max, num_chunks)](CHUNK_V=LSE_CHUNK_V, num_warps=NUM_WARPS, **common)
     _merge_kernel[(n_groups, triton.cdiv(V, BLOCK_V))](
         weights_ptr=group_weights,
         taus_ptr=group_taus,
@@ -361,10 +387,66 @@ def merge_logits_triton(
     )
 
 
+# The K widths (powers of two) the runtime pads its tables to, compiled before traffic.
+WARM_WIDTHS = (1, 2, 4, 8, 16)
+# Why the Triton kernels are off in this process (None while they serve): set when compiling them
+# failed, at warm-up or at a first launch, after which the torch path serves every merge.
+triton_failure: str | None = None
+warm_seconds: float | None = None  # how long the warm-up at server start took (None: not run here)
+
+
+def disable_triton(reason: str) -> None:
+    global triton_failure
+    import logging
+
+    triton_failure = reason
+    logging.getLogger("sgl_merge").error("sgl-merge: the Triton merge kernels are off, the torch path serves "
+                                         "merges from now on: %s", reason)
+
+
+def backend_status(device: torch.device | str) -> dict:
+    """What serves merges on `device` in this process, for the plugin's status."""
+    return {"backend": merge_backend(device), "triton_failure": triton_failure, "warm_seconds": warm_seconds,
+            "warm_widths": list(WARM_WIDTHS) if warm_seconds is not None else []}
+
+
+def merge_backend(device: torch.device | str) -> str:
+    """"triton" or "torch": the path `merge_logits_` takes for logits on `device`."""
+    return "triton" if torch.device(device).type == "cuda" and triton_failure is None else "torch"
+
+
+def warm_up(device: torch.device | str, vocab: int, dtypes=(torch.float32,), widths=WARM_WIDTHS) -> float:
+    """Compile both kernels for every table width in `widths` and logits dtype in `dtypes` at this
+    vocabulary size (Triton specialises on it), so that no merge compiles inside the serving loop.
+    Returns the seconds it took; if compiling fails, the torch path serves (`triton_failure` says
+    why) instead of an exception reaching the scheduler."""
+    import time
+
+    start = time.perf_counter()
+    try:
+        for dtype in dtypes:
+            for k in widths:
+                logits = torch.zeros((k, vocab), dtype=dtype, device=device)
+                tables = pack_groups([(list(range(k)), [1.0] * k, MODE_LOGPROBS)], device=device, k_max=k)
+                merge_logits_triton(logits, *tables)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - any compiler or driver failure: serve with torch
+        disable_triton(f"compiling for V={vocab}, dtypes {[str(d) for d in dtypes]} failed: "
+                       f"{type(e).__name__}: {e}")
+    return time.perf_counter() - start
+
+
 def merge_logits_(
     logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor,
-    group_taus: torch.Tensor,
+    group_taus: torch.Tensor, modes: frozenset[int] | None = None,
 ) -> None:
-    """Merge in place: the Triton kernels on CUDA tensors, the vectorised torch path elsewhere."""
-    merge = merge_logits_triton if logits.is_cuda else merge_logits_torch
-    merge(logits, group_rows, group_weights, group_modes, group_taus)
+    """Merge in place: the Triton kernels on CUDA tensors (unless they failed to compile here), the
+    vectorised torch path elsewhere. `modes`: the modes in use, where the caller knows them."""
+    tables = (group_rows, group_weights, group_modes, group_taus)
+    if merge_backend(logits.device) == "triton":
+        try:
+            return merge_logits_triton(logits, *tables, modes=modes)
+        except Exception as e:  # noqa: BLE001 - a width or dtype not warmed failed to compile
+            disable_triton(f"{type(e).__name__}: {e}")
+    merge_logits_torch(logits, *tables, modes=modes)

@@ -3,17 +3,23 @@ attention layer, `self_attn.seg_embeddings = nn.Embedding(max_segments, head_dim
 V (not Q) before RoPE and shared by every KV head, as in the authors' vLLM and transformers forks.
 
 A token's segment is a function of the token sequence alone: `<thinkN>` opens path N (segment N,
-1-based) and the tokens after it keep it, `<summary>` returns to segment 0, which is also the
-prompt's; `</thinkN>` is in segment N and changes nothing after it (in a well-formed sequence it
-closes path N, which is in segment N anyway; a stray one sampled inside another path leaves that
-path's segment alone, as the authors' per-path segment ids do). So the same tokens always get the
-same KV, and SGLang's radix cache stays sound without any namespace. Paths are plain requests from prompt + `<thinkN>` (their positions
+1-based) and the tokens after it keep it; `</thinkN>` is in segment N and changes nothing after it
+(in a well-formed sequence it closes path N, which is in segment N anyway; a stray one sampled
+inside another path leaves that path's segment alone, as the authors' per-path segment ids do);
+`<summary>` starts the summary, which is segment 0 (the prompt's) from there to the end, whatever
+control tokens it contains (the authors' ids are per stage: a `<think2>` or `</think5>` sampled in
+a summary does not move it into a path). So the same tokens always get the same KV, and SGLang's
+radix cache stays sound without any namespace. Paths are plain requests from prompt + `<thinkN>` (their positions
 start at the prompt's length, as the method wants); the summary is a KV join of the paths
 (`sgl_merge.runtime.join`, positions "after_longest": after the prompt and the longest path).
 
-Segment ids are computed on the device in the model's forward from the step's input ids and a
-per-request-row state (the segment the row's sequence ended in), so decoding has no host
-synchronisation and works under CUDA graphs; the row state is set from the cached prefix's tokens
+Segment ids are computed on the device from the step's input ids and a per-request-row state (the
+segment the row's sequence ended in, or "in the summary"), without host synchronisation, in
+`prepare_for_forward`, which SGLang's model runner calls before every forward (eager, decode graph
+replay, prefill graph replay) and the prefill graph runner at capture. They are written with
+`copy_` into one persistent buffer that the attention layers read a slice of: SGLang's prefill CUDA
+graph captures only the inner Qwen2Model, and a graph replays the addresses it captured, so the
+ids must be in the same tensor at every step. The row state is set from the cached prefix's tokens
 when a request is prefilled (`init_rows`, called when the batch is built).
 
 A checkpoint is taken for a ParaThinker when its config has `max_segments` or its weights hold
@@ -36,11 +42,14 @@ logger = logging.getLogger("sgl_merge")
 DEFAULT_MAX_SEGMENTS = 32  # the authors' default
 SEG_WEIGHT = "seg_embeddings"
 MAX_ROWS = 1 << 16  # request-pool rows the segment state covers (SGLang's pool is max running requests + a few)
+MIN_TOKENS = 1 << 17  # the least tokens of one forward the segment-id buffer holds (int32: 512 KiB)
+SUMMARY = 1 << 20  # the state inside a summary (above every segment): segment 0, whatever control tokens follow
 
 
 def control_tokens(max_paths: int) -> dict[str, int]:
-    """Control token text -> the segment it is in (`<thinkN>` and `<summary>` also put what follows
-    them there; `</thinkN>` only itself, see `opens_segment`)."""
+    """Control token text -> the segment it is in (`<thinkN>` also puts what follows it there,
+    `<summary>` puts the rest of the sequence in segment 0; `</thinkN>` only itself, see
+    `opens_segment`)."""
     tokens = {"<summary>": 0}
     for n in range(1, max_paths + 1):
         tokens[f"<think{n}>"] = n
@@ -48,25 +57,35 @@ def control_tokens(max_paths: int) -> dict[str, int]:
     return tokens
 
 
-STRAY_BIAS = -1e4  # logit bias that keeps a control token out of a path
+STRAY_BIAS = -1e4  # logit bias that keeps a control token out of a stage
 
 
 def path_logit_bias(control_ids: dict[str, int], path: int) -> dict[str, float]:
     """SGLang `logit_bias` for sampling path `path` (from 1): every control token but the path's own
-    `</think{path}>` made unsampleable. A stray `</think5>` or `<summary>` sampled inside path 7
-    (the control tokens' embeddings sit close together in a small model) puts the path off the
-    layout its summary was trained on; the authors' vLLM rewrites such tokens, this never samples
-    them. `control_ids`: control token text -> id, for those the tokenizer has (`<thinkN>`,
-    `</thinkN>`, `<summary>`, `</summary>`)."""
-    own = f"</think{path}>"
-    return {str(i): STRAY_BIAS for text, i in control_ids.items() if text != own}
+    `</think{path}>` made unsampleable, plain `<think>` / `</think>` included. A stray `</think5>`
+    or `<summary>` sampled inside path 7 (the control tokens' embeddings sit close together in a
+    small model) puts the path off the layout its summary was trained on; the authors' vLLM rewrites
+    such tokens, this never samples them. `control_ids`: control token text -> id, for those the
+    tokenizer has (`find_control_ids`)."""
+    return stage_logit_bias(control_ids, f"</think{path}>")
+
+
+def summary_logit_bias(control_ids: dict[str, int]) -> dict[str, float]:
+    """SGLang `logit_bias` for sampling a summary: no control token but `</summary>` (a `<think3>`
+    in a summary opens no path; it is segment 0 like the rest of the summary, but off the layout)."""
+    return stage_logit_bias(control_ids, "</summary>")
+
+
+def stage_logit_bias(control_ids: dict[str, int], allowed: str) -> dict[str, float]:
+    """Every control token but `allowed` made unsampleable."""
+    return {str(i): STRAY_BIAS for text, i in control_ids.items() if text != allowed}
 
 
 def find_control_ids(single) -> dict[str, int]:
-    """The control tokens a tokenizer has, text -> id: `<summary>`, `</summary>` and `<thinkN>` /
-    `</thinkN>` for N = 1, 2, ... while both exist. `single(text)`: the id of `text` where it is
-    one token, else None (a tokenizer, or a server's /tokenize)."""
-    ids = {text: i for text in ("<summary>", "</summary>") if (i := single(text)) is not None}
+    """The control tokens a tokenizer has, text -> id: `<summary>`, `</summary>`, plain `<think>` /
+    `</think>` and `<thinkN>` / `</thinkN>` for N = 1, 2, ... while both exist. `single(text)`: the
+    id of `text` where it is one token, else None (a tokenizer, or a server's /tokenize)."""
+    ids = {text: i for text in ("<summary>", "</summary>", "<think>", "</think>") if (i := single(text)) is not None}
     for n in range(1, DEFAULT_MAX_SEGMENTS + 1):
         pair = {text: single(text) for text in (f"<think{n}>", f"</think{n}>")}
         if None in pair.values():
@@ -94,73 +113,133 @@ def _weight_names(model_path: Path) -> list[str]:
 
 
 def is_parathinker(model_config) -> bool:
-    """A Qwen2 checkpoint with ParaThinker's segment embeddings (config field or weights)."""
+    """A Qwen2 checkpoint with ParaThinker's segment embeddings (config field or weights), given as
+    a local folder or a hub id."""
     hf_config = model_config.hf_config
     if "Qwen2ForCausalLM" not in (getattr(hf_config, "architectures", None) or []):
         return False
     if getattr(hf_config, "max_segments", None) is not None:
         return True
-    return _has_segment_weights(str(model_config.model_path))
+    return _has_segment_weights(str(model_config.model_path), getattr(model_config, "revision", None))
 
 
 @functools.cache
-def _has_segment_weights(model_path: str) -> bool:
+def _has_segment_weights(model_path: str, revision: str | None = None) -> bool:
     path = Path(model_path)
-    return path.is_dir() and any(SEG_WEIGHT in name for name in _weight_names(path))
+    names = _weight_names(path) if path.is_dir() else _hub_weight_names(model_path, revision)
+    return any(SEG_WEIGHT in name for name in names)
+
+
+def _hub_weight_names(repo: str, revision: str | None) -> list[str]:
+    """A hub checkpoint's weight names: from the local hub cache where it is there (SGLang downloads
+    there), else from the hub's safetensors headers (no weights are downloaded)."""
+    import huggingface_hub
+
+    try:
+        local = huggingface_hub.snapshot_download(repo, revision=revision, local_files_only=True,
+                                                  allow_patterns=["*.json", "*.safetensors"])
+        if names := _weight_names(Path(local)):
+            return names
+    except Exception:  # noqa: BLE001 - not in the cache: ask the hub
+        pass
+    try:
+        return list(huggingface_hub.get_safetensors_metadata(repo, revision=revision).weight_map)
+    except Exception as e:  # noqa: BLE001 - offline, private, not safetensors: say how to make it certain
+        logger.warning("sgl-merge: could not read the weight names of %s to tell whether it is a ParaThinker "
+                       "(%s: %s); it loads as a plain Qwen2 unless its config.json has max_segments",
+                       repo, type(e).__name__, e)
+        return []
 
 
 class SegmentIds:
-    """Per-token segment ids for a forward batch, on the device."""
+    """Per-token segment ids of each forward, computed on the device into one persistent buffer.
 
-    def __init__(self, table: torch.Tensor, own: torch.Tensor, rows: torch.Tensor, host_table: dict[int, int]):
-        self.table = table  # [vocab] int64: the segment an opening token (<thinkN>, <summary>) sets, else -1
+    Row states: N >= 0 (the sequence is in segment N: the prompt, or path N), or SUMMARY (in a
+    summary: segment 0 from its `<summary>` to the end)."""
+
+    def __init__(self, table: torch.Tensor, own: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
+                 host_table: dict[int, int]):
+        self.table = table  # [vocab] int64: the state an opening token sets (N for <thinkN>, SUMMARY), else -1
         self.own = own  # [vocab] int64: a closing token's (</thinkN>) own segment, else -1
-        self.rows = rows  # [MAX_ROWS] int64: the segment each request-pool row's sequence is in
-        self.host_table = host_table  # the opening tokens' segments
+        self.rows = rows  # [MAX_ROWS] int64: the state of each request-pool row's sequence
+        self.ids = ids  # [capacity] int32: the segment ids of the forward in progress (its first tokens)
+        self.host_table = host_table  # the opening tokens' states
 
     def init_rows(self, reqs, forward_batch) -> None:
-        """At a prefill: each row's state is the segment its cached prefix ended in (a host scan of
-        that prefix's tokens, once per prefill)."""
+        """At a prefill: each row's state is that of its cached prefix (a host scan of that prefix's
+        tokens, once per prefill)."""
         controls = np.fromiter(self.host_table, dtype=np.int64)
+        summary = [t for t, state in self.host_table.items() if state == SUMMARY]
         states = []
         for req, prefix_len in zip(reqs, forward_batch.extend_prefix_lens_cpu):
             prefix = np.asarray(req.full_untruncated_fill_ids[: int(prefix_len)], dtype=np.int64)
+            if summary and np.isin(prefix, summary).any():
+                states.append(SUMMARY)
+                continue
             found = np.flatnonzero(np.isin(prefix, controls))
             states.append(self.host_table[int(prefix[found[-1]])] if found.size else 0)
         rows = self.rows
         rows[forward_batch.req_pool_indices] = torch.tensor(states, dtype=torch.int64).to(rows.device, non_blocking=True)
 
-    def __call__(self, input_ids: torch.Tensor, forward_batch) -> torch.Tensor:
+    def prepare(self, forward_batch, update_rows: bool = True) -> None:
+        """Write this forward's segment ids into the buffer (`copy_`: its address never changes) and
+        advance the rows' states, unless `update_rows` is False (a graph capture's dummy batch)."""
+        input_ids = forward_batch.input_ids
+        n = input_ids.numel()
+        if n > self.ids.numel():
+            raise RuntimeError(f"sgl-merge: a forward of {n} tokens is more than the ParaThinker segment-id buffer "
+                               f"holds ({self.ids.numel()}); lower --max-prefill-tokens / --chunked-prefill-size")
+        if n:
+            self.ids[:n].copy_(self.compute(input_ids, forward_batch, update_rows))
+
+    def compute(self, input_ids: torch.Tensor, forward_batch, update_rows: bool = True) -> torch.Tensor:
+        """The segment id of every token of the step (device ops only: no host sync)."""
         marks, own = self.table[input_ids], self.own[input_ids]
         rows = self.rows
-        if input_ids.numel() == 0:
-            return marks.clamp_min(0)
         pool = forward_batch.req_pool_indices
         mode = forward_batch.forward_mode
         if mode.is_decode() or mode.is_idle():
-            state = torch.where(marks >= 0, marks, rows[pool])
-            rows[pool] = state
-            return torch.where(own >= 0, own, state)
-        # Extend: a token's state is that of the last opening token at or before it in its own
-        # request, else the row's state; each request's first token is defined, so the forward
-        # fill never crosses from one request into the next.
+            prev = rows[pool]
+            state = torch.where((marks >= 0) & (prev != SUMMARY), marks, prev)
+            last = state
+        else:
+            state = self._extend_states(marks, rows[pool], forward_batch)
+            last = state[forward_batch.extend_start_loc + forward_batch.extend_seq_lens - 1]
+        if update_rows:
+            rows[pool] = last
+        return torch.where(state == SUMMARY, 0, torch.where(own >= 0, own, state)).to(self.ids.dtype)
+
+    @staticmethod
+    def _extend_states(marks: torch.Tensor, start_states: torch.Tensor, forward_batch) -> torch.Tensor:
+        """Each token's state in an extend: that of the last opening token at or before it in its
+        own request (else its row's state), and SUMMARY from a request's first `<summary>` on (or
+        throughout, if its row was in a summary already). Each request's first token is defined,
+        so no forward fill crosses from one request into the next."""
         starts = forward_batch.extend_start_loc
         first = marks[starts]
         marks = marks.clone()
-        marks[starts] = torch.where(first >= 0, first, rows[pool])
+        marks[starts] = torch.where((first >= 0) & (start_states != SUMMARY), first, start_states)
         index = torch.arange(marks.numel(), device=marks.device)
-        last = torch.cummax(torch.where(marks >= 0, index, torch.zeros_like(index)), dim=0).values
-        state = marks[last]
-        ends = starts + forward_batch.extend_seq_lens - 1
-        rows[pool] = state[ends]
-        return torch.where(own >= 0, own, state)
+        zero = torch.zeros_like(index)
+        state = marks[torch.cummax(torch.where(marks >= 0, index, zero), dim=0).values]
+        # In a summary from the request's first SUMMARY mark on: count those marks since its start.
+        is_start = torch.zeros_like(marks, dtype=torch.bool)
+        is_start[starts] = True
+        start_of = torch.cummax(torch.where(is_start, index, zero), dim=0).values
+        in_summary = (marks == SUMMARY).to(torch.int32)
+        seen = torch.cumsum(in_summary, dim=0)
+        before = seen[start_of] - in_summary[start_of]
+        return torch.where(seen - before > 0, SUMMARY, state)
 
 
 def _segmented_attention_forward(self, positions, hidden_states, forward_batch):
-    """Qwen2Attention.forward with the segment embedding added to K and V before RoPE."""
+    """Qwen2Attention.forward with the segment embedding added to K and V before RoPE. The ids are
+    the first rows of the model's persistent buffer (under a graph, of the padded token count: the
+    padding reads stale but valid ids, and its outputs are discarded)."""
     qkv, _ = self.qkv_proj(hidden_states)
     q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-    seg = self.seg_embeddings(forward_batch.sgl_segment_ids).unsqueeze(1)  # [tokens, 1, head_dim]
+    ids = self.sgl_segments.ids[: hidden_states.shape[0]]
+    seg = self.seg_embeddings(ids).unsqueeze(1)  # [tokens, 1, head_dim]
     k = (k.view(-1, self.num_kv_heads, self.head_dim) + seg).view_as(k)
     v = (v.view(-1, self.num_kv_heads, self.head_dim) + seg).view_as(v)
     q, k = self.rotary_emb(positions, q, k)
@@ -182,8 +261,21 @@ def _control_ids(config, max_paths: int) -> tuple[dict[int, int], dict[int, int]
     if not found:
         logger.warning("sgl-merge: ParaThinker checkpoint without <thinkN> / <summary> tokens in its tokenizer: "
                        "every token is in segment 0")
-    opening = {i: seg for text, (i, seg) in found.items() if opens_segment(text)}
+    opening = {i: (SUMMARY if text == "<summary>" else seg) for text, (i, seg) in found.items() if opens_segment(text)}
     return opening, {i: seg for text, (i, seg) in found.items() if not opens_segment(text)}
+
+
+def _token_capacity(config) -> int:
+    """Tokens of one forward the segment-id buffer holds: a whole context plus a full prefill batch."""
+    context = int(getattr(config, "max_position_embeddings", 0) or 0)
+    return max(MIN_TOKENS, context + (1 << 16))
+
+
+def _capturing_prefill_graph() -> bool:
+    """Whether SGLang's prefill graph runner is capturing (its dummy batch must not touch row states)."""
+    from sglang.srt.runtime_context import get_flags
+
+    return bool(getattr(get_flags().dp, "capturing_prefill_graph", False))
 
 
 @functools.cache
@@ -195,28 +287,41 @@ def model_class():
         def __init__(self, config, quant_config=None, prefix: str = ""):
             super().__init__(config, quant_config=quant_config, prefix=prefix)
             segments = getattr(config, "max_segments", None) or DEFAULT_MAX_SEGMENTS
-            for layer in self.model.layers:
-                attn = getattr(layer, "self_attn", None)
-                if attn is None:  # a pipeline stage's missing layer
-                    continue
-                attn.seg_embeddings = nn.Embedding(segments, attn.head_dim)
-                nn.init.zeros_(attn.seg_embeddings.weight)  # as the authors: absent weights = plain Qwen2
-                attn.forward = _segmented_attention_forward.__get__(attn)
             opening, closing = _control_ids(config, segments - 1)
             for name, tokens in (("sgl_segment_table", opening), ("sgl_segment_own", closing)):
                 table = torch.full((config.vocab_size,), -1, dtype=torch.int64)
                 for token, seg in tokens.items():
                     table[token] = seg
                 self.register_buffer(name, table, persistent=False)
-            # Allocated once with the model (device graphs capture its address): 512 KiB.
+            # Allocated once with the model (graphs capture their addresses): 512 KiB of row states,
+            # and the segment ids of the forward in progress.
             self.register_buffer("sgl_segment_rows", torch.zeros(MAX_ROWS, dtype=torch.int64), persistent=False)
-            self.sgl_segments = SegmentIds(self.sgl_segment_table, self.sgl_segment_own, self.sgl_segment_rows, opening)
+            self.register_buffer("sgl_segment_ids", torch.zeros(_token_capacity(config), dtype=torch.int32),
+                                 persistent=False)
+            self.sgl_segments = SegmentIds(self.sgl_segment_table, self.sgl_segment_own, self.sgl_segment_rows,
+                                           self.sgl_segment_ids, opening)
+            for layer in self.model.layers:
+                attn = getattr(layer, "self_attn", None)
+                if attn is None:  # a pipeline stage's missing layer
+                    continue
+                attn.seg_embeddings = nn.Embedding(segments, attn.head_dim)
+                nn.init.zeros_(attn.seg_embeddings.weight)  # as the authors: absent weights = plain Qwen2
+                attn.sgl_segments = self.sgl_segments  # shared, not a submodule
+                attn.forward = _segmented_attention_forward.__get__(attn)
 
-        def forward(self, input_ids, positions, forward_batch, *args, **kwargs):
-            # The buffers, wherever the model was moved.
-            segs = self.sgl_segments
-            segs.table, segs.own, segs.rows = self.sgl_segment_table, self.sgl_segment_own, self.sgl_segment_rows
-            forward_batch.sgl_segment_ids = self.sgl_segments(input_ids, forward_batch)
-            return super().forward(input_ids, positions, forward_batch, *args, **kwargs)
+        def _apply(self, fn, *args, **kwargs):
+            # .to() / .cuda() replace the buffers: the attention layers' shared view follows.
+            out = super()._apply(fn, *args, **kwargs)
+            segs = getattr(self, "sgl_segments", None)
+            if segs is None:
+                return out
+            segs.table, segs.own, segs.rows, segs.ids = (self.sgl_segment_table, self.sgl_segment_own,
+                                                         self.sgl_segment_rows, self.sgl_segment_ids)
+            return out
+
+        def prepare_for_forward(self, forward_batch) -> None:
+            """Called by SGLang's model runner before every forward and by the prefill graph runner
+            at capture: the step's segment ids, into the persistent buffer."""
+            self.sgl_segments.prepare(forward_batch, update_rows=not _capturing_prefill_graph())
 
     return ParaThinkerForCausalLM

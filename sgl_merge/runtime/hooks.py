@@ -7,12 +7,15 @@ validation). Everything a request without `sgl_merge` touches returns to SGLang'
 
 from __future__ import annotations
 
+import logging
 import zlib
 from array import array
 
 from sgl_merge.runtime import join, sampling
 from sgl_merge.runtime.groups import PROTECTED, GroupRegistry, member_spec
 from sgl_merge.runtime.spec import KEY, MergeSpecError, expand_shared_weights, parse_member_spec
+
+logger = logging.getLogger("sgl_merge")
 
 _admission: GroupRegistry | None = None  # the registry of the admission pass in progress
 _registry: GroupRegistry | None = None  # this process's scheduler's (one scheduler per process)
@@ -64,6 +67,26 @@ def route_group(result, manager, obj, *args, **kwargs):
         spec = parse_member_spec(getattr(result.sampling_params, "custom_params", None))
         if spec is not None:
             result.routed_dp_rank = dp_rank_for_group(spec.group, dp_size)
+    return result
+
+
+# ------------------------------------------------------------------ scheduler: start-up
+
+
+def warm_kernels(result, scheduler, *args, **kwargs):
+    """AFTER Scheduler.__init__ (before the server reports ready): on a GPU, compile the merge
+    kernels for every table width the runtime uses, at this model's vocabulary, so no merge
+    compiles inside the serving loop; on failure the torch path serves (the status says why)."""
+    from sgl_merge.kernels import merge_logits as kernels
+
+    if str(scheduler.device).startswith("cuda"):
+        import torch
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        secs = kernels.warm_up(device, scheduler.model_config.vocab_size)  # SGLang's logits are fp32
+        kernels.warm_seconds = secs
+        if kernels.triton_failure is None:
+            logger.info("sgl-merge: merge kernels compiled for K widths %s in %.1f s", kernels.WARM_WIDTHS, secs)
     return result
 
 
@@ -165,12 +188,15 @@ def init_segment_rows(result, cls, batch, model_runner, **kwargs):
 
 
 def release_kv(original, req, tree_cache, *, checkpoint):
-    """AROUND mem_cache.common.release_kv_cache: a finished kept request stays locked in the tree
-    (locked right after SGLang's own checkpoint, before anything can evict it); a join's row loses
-    its position shift, and a finished join lets go of its sources."""
+    """AROUND mem_cache.common.release_kv_cache: a finished member reports its merge figures; a
+    finished kept request stays locked in the tree (locked right after SGLang's own checkpoint,
+    before anything can evict it); a join's row loses its position shift, and a finished join lets
+    go of its sources."""
     plan = getattr(req, "_sgl_join", None)
     if plan is not None and _joins is not None and req.kv.holds_kv:
         _joins.clear_row_delta(req.kv.req_pool_idx)
+    if req.finished():
+        sampling.report_finished(req)
     out = original(req, tree_cache, checkpoint=checkpoint)
     if _joins is not None and req.finished():
         if plan is not None:
@@ -319,6 +345,7 @@ HOOKS = [
     ("sglang.srt.managers.io_struct.GenerateReqInput._normalize_sampling_params", "BEFORE", expand_shared_weights),
     ("sglang.srt.sampling.sampling_params.SamplingParams.verify", "AFTER", verify_request),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object", "AFTER", route_group),
+    ("sglang.srt.managers.scheduler.Scheduler.__init__", "AFTER", warm_kernels),
     ("sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens", "AROUND", record_requested_max_new),
     ("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", "AROUND", add_to_queue),
     ("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", "AROUND", new_prefill_batch),

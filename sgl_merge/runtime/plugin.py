@@ -35,12 +35,15 @@ def status() -> dict:
 def _report_status(result, controller, *args, **kwargs):
     """AFTER hook on the scheduler's internal-state readback: add the plugin's status, the
     largest merge group this scheduler can run (the HTTP routes check `think_merge.k` against it),
+    what serves merges (the Triton kernels, or the torch path and why),
     the requests kept for a KV join and the radix-cache tokens locked now (what a leak would show)."""
+    from sgl_merge.kernels.merge_logits import backend_status
     from sgl_merge.runtime import hooks
 
     scheduler = controller.scheduler
     result.internal_state["sgl_merge"] = {
         **status(), "max_group_size": scheduler.max_running_requests,
+        "merge_kernels": backend_status(str(scheduler.device)),
         "kept_sources": sorted(hooks._joins.kept) if hooks._joins is not None else [],
         "locked_cache_tokens": scheduler.tree_cache.protected_size(),
     }
@@ -59,6 +62,33 @@ def _add_routes(result, *args, **kwargs):
     return result
 
 
+def hook_table() -> list[tuple[str, str, object]]:
+    """Every (SGLang target, HookType name, function) the plugin registers."""
+    from sgl_merge.runtime.hooks import HOOKS
+    from sgl_merge.serving.input_guards import HOOKS as GUARD_HOOKS
+    from sgl_merge.serving.openai_api import HOOKS as SERVING_HOOKS
+
+    return [(INTERNAL_STATE_TARGET, "AFTER", _report_status), (TOKENIZER_MANAGER_INIT, "AFTER", _add_routes),
+            *HOOKS, *SERVING_HOOKS, *GUARD_HOOKS]
+
+
+def resolve(target: str):
+    """The SGLang object a dotted hook target names (its longest importable module, then attributes);
+    AttributeError / ImportError where SGLang no longer has it."""
+    import importlib
+
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(f"no module of {target!r} can be imported")
+
+
 def load() -> None:
     """Entry point. Refuses (raises, which SGLang logs) on any SGLang other than the pinned one.
     In the HTTP process it also adds the KV join's routes (`sgl_merge.serving.join_routes`), once
@@ -66,12 +96,7 @@ def load() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     sglang_version = check_sglang_version()
-    from sgl_merge.runtime.hooks import HOOKS
-    from sgl_merge.serving.input_guards import HOOKS as GUARD_HOOKS
-    from sgl_merge.serving.openai_api import HOOKS as SERVING_HOOKS
-
-    hooks = [(INTERNAL_STATE_TARGET, "AFTER", _report_status), (TOKENIZER_MANAGER_INIT, "AFTER", _add_routes),
-             *HOOKS, *SERVING_HOOKS, *GUARD_HOOKS]
+    hooks = hook_table()
     for target, kind, fn in hooks:
         HookRegistry.register(target, fn, HookType[kind])
     _status.update(

@@ -7,6 +7,11 @@ Per step, `Sampler.forward` then does only device work: merge the members' rows 
 penalties, grammar masks and logit bias, which SGLang applied before), let SGLang sample, and
 gather every member's token from its group leader, before the ids feed the next forward.
 A batch without merge groups carries no map and takes SGLang's path untouched.
+
+Each member's agreement (the share of its merged steps where its own argmax was the merged token)
+is counted on the device, in a table indexed by a slot the member gets when it first enters a batch;
+each step queues a non-blocking copy of the members' counters, which the host reads only when a
+member finishes (`report_finished`). The per-step host work is a few attribute writes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from http import HTTPStatus
 
 import torch
 
-from sgl_merge.kernels.merge_logits import merge_logits_, pack_groups
+from sgl_merge.kernels.merge_logits import merge_logits_, modes_of, pack_groups, to_device
 from sgl_merge.runtime.groups import member_spec
 
 logger = logging.getLogger("sgl_merge")
@@ -30,6 +35,16 @@ AGREE_ATTR = "_sgl_merge_agree"
 INFO_KEY = "sgl_merge"
 
 
+# Agreement counters: [slot, (agreed steps, merged steps)] int32 on the scheduler's device, one slot
+# per member for its whole life (retractions included). Slots are handed out round-robin, so a
+# slot comes back only after SLOTS later members: long after any step still in flight for it.
+SLOTS = 1 << 16
+_stats: torch.Tensor | None = None
+_next_slot = 0
+# The step result the scheduler is processing: (MergeMap, counters on the host, copy event).
+_current = None
+
+
 @dataclass
 class MergeMap:
     """The merge groups of one batch, row-aligned with `reqs`; tensors live on the batch device."""
@@ -39,9 +54,35 @@ class MergeMap:
     group_weights: torch.Tensor  # [G, K_max] float32, rows sum to 1
     group_modes: torch.Tensor  # [G] int32
     group_taus: torch.Tensor  # [G] float32
+    modes: frozenset  # the modes of the groups (host side: picks the kernel work)
     leader: torch.Tensor  # [N] int64: each row's group leader (itself when ungrouped)
     member_rows: torch.Tensor  # [M] int64: the rows that belong to a merge group
+    member_slots: torch.Tensor  # [M] int64: their agreement counter slots
+    ones: torch.Tensor  # [M] int32
     members: list  # [M] the requests of those rows, in the same order
+    index: dict  # id(request) -> its position in `members`
+
+
+def _counters(device) -> torch.Tensor:
+    global _stats
+    if _stats is None:
+        _stats = torch.zeros((SLOTS, 2), dtype=torch.int32, device=device)
+    return _stats
+
+
+def _slots(members: list, device) -> torch.Tensor:
+    """Each member's counter slot; a member new to the device gets the next slot, zeroed (on the
+    schedule stream, which the forward stream waits for before it runs this batch)."""
+    global _next_slot
+    stats, fresh = _counters(device), []
+    for req in members:
+        if getattr(req, "_sgl_merge_slot", None) is None:
+            req._sgl_merge_slot = _next_slot
+            fresh.append(_next_slot)
+            _next_slot = (_next_slot + 1) % SLOTS
+    if fresh:
+        stats[to_device(torch.tensor(fresh, dtype=torch.int64), device)] = 0
+    return to_device(torch.tensor([r._sgl_merge_slot for r in members], dtype=torch.int64), device)
 
 
 def build_map(reqs: list, device) -> MergeMap | None:
@@ -50,8 +91,6 @@ def build_map(reqs: list, device) -> MergeMap | None:
     A group only partly present in the batch has lost lockstep (it cannot happen while the
     scheduler hooks keep groups whole): its members are finished with an internal error.
     """
-    from sglang.srt.managers.schedule_batch import FINISH_ABORT
-
     rows_by_group: dict[str, list[int]] = {}
     for i, req in enumerate(reqs):
         spec = member_spec(req)
@@ -68,15 +107,17 @@ def build_map(reqs: list, device) -> MergeMap | None:
         message = (f"merge group {key!r} lost lockstep: {len(rows)} of {size} members in the batch "
                    "(internal error; please report)")
         logger.error("sgl-merge: %s", message)
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
         for i in rows:
             reqs[i].to_finish = FINISH_ABORT(message, HTTPStatus.INTERNAL_SERVER_ERROR)
     if not groups:
         return None
     # A power of two: the Triton kernel compiles once per table width, not once per group size.
     k_max = 1 << (max(len(rows) for rows in groups) - 1).bit_length()
+    specs = [member_spec(reqs[rows[0]]) for rows in groups]
     group_rows, group_weights, group_modes, group_taus = pack_groups(
-        ((rows, [member_spec(reqs[i]).weight for i in rows], member_spec(reqs[rows[0]]).mode,
-          member_spec(reqs[rows[0]]).tau) for rows in groups),
+        ((rows, [member_spec(reqs[i]).weight for i in rows], spec.mode, spec.tau) for rows, spec in zip(groups, specs)),
         device=device, k_max=k_max,
     )
     leader = list(range(len(reqs)))
@@ -84,25 +125,25 @@ def build_map(reqs: list, device) -> MergeMap | None:
         for i in rows:
             leader[i] = rows[0]
     member_rows = [i for rows in groups for i in rows]
+    members = [reqs[i] for i in member_rows]
     return MergeMap(
         reqs=list(reqs),
         group_rows=group_rows,
         group_weights=group_weights,
         group_modes=group_modes,
         group_taus=group_taus,
-        leader=torch.tensor(leader, dtype=torch.int64).to(device, non_blocking=True),
-        member_rows=torch.tensor(member_rows, dtype=torch.int64).to(device, non_blocking=True),
-        members=[reqs[i] for i in member_rows],
+        modes=modes_of(spec.mode for spec in specs),
+        leader=to_device(torch.tensor(leader, dtype=torch.int64), device),
+        member_rows=to_device(torch.tensor(member_rows, dtype=torch.int64), device),
+        member_slots=_slots(members, device),
+        ones=torch.ones(len(members), dtype=torch.int32, device=device),
+        members=members,
+        index={id(r): j for j, r in enumerate(members)},
     )
 
 
 def _set(info, reqs: list) -> None:
     setattr(info, ATTR, build_map(reqs, info.device) if any(member_spec(r) for r in reqs) else None)
-
-
-def _reqs(info) -> list:
-    m = getattr(info, ATTR, None)
-    return m.reqs if m is not None else []
 
 
 # ------------------------------------------------------------------ batch-change hooks
@@ -146,23 +187,27 @@ def on_copy_for_forward(result, info):
 
 
 def sample(original, sampler, logits_output, sampling_info, *args, **kwargs):
-    """AROUND Sampler.forward: merge, sample, commit the leader's token. No host sync."""
+    """AROUND Sampler.forward: merge, sample, commit the leader's token, count agreement. No host
+    sync: the counters' copy to the host is queued, and read when a member finishes."""
     m = getattr(sampling_info, ATTR, None)
     if m is None:
         return original(sampler, logits_output, sampling_info, *args, **kwargs)
     logits = logits_output.next_token_logits
-    # Each member's own choice before merging, for the agreement figure.
-    own = logits.index_select(0, m.member_rows).argmax(dim=-1)
-    merge_logits_(logits, m.group_rows, m.group_weights, m.group_modes, m.group_taus)
+    # Each row's own choice before merging (read in place: no copy of the rows), for agreement.
+    own = logits.argmax(dim=-1)
+    merge_logits_(logits, m.group_rows, m.group_weights, m.group_modes, m.group_taus, modes=m.modes)
     ids = original(sampler, logits_output, sampling_info, *args, **kwargs)
     ids = ids[m.leader]
-    agree = own == ids.index_select(0, m.member_rows)
-    copied = None
-    if agree.is_cuda:  # copied without waiting; read on the host once this event has passed
-        agree = agree.to("cpu", non_blocking=True)
+    agree = own.index_select(0, m.member_rows) == ids.index_select(0, m.member_rows)
+    stats = _stats
+    stats.index_add_(0, m.member_slots, torch.stack((agree.to(torch.int32), m.ones), dim=1))
+    counts, copied = stats.index_select(0, m.member_slots), None
+    if counts.is_cuda:  # read on the host once this event has passed (SGLang waits for its own copy there)
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        counts = host.copy_(counts, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-    setattr(logits_output, AGREE_ATTR, (m.members, agree, copied))
+    setattr(logits_output, AGREE_ATTR, (m, counts, copied))
     return ids
 
 
@@ -175,34 +220,42 @@ def sample_from_probs(original, sampler, probs, sampling_info, *args, **kwargs):
 
 
 def record_agreement(processor, batch, result, *args, **kwargs):
-    """BEFORE the scheduler processes a batch result (host side, where SGLang waits for the step's
-    ids too): count each member's merged steps and the steps its own argmax matched the merged
-    token."""
+    """BEFORE the scheduler processes a batch result: note the step's counters, which the members
+    that finish while it is processed report (`report_finished`). Nothing per member, no wait."""
+    global _current
     recorded = getattr(getattr(result, "logits_output", None), AGREE_ATTR, None)
-    if recorded is None:
-        return None
-    members, agree, copied = recorded
-    if copied is not None:
-        # Our own event: SGLang's `copy_done` exists only with the overlap scheduler.
-        copied.synchronize()
-    for req, ok in zip(members, agree.tolist()):
-        spec = member_spec(req)
-        steps = getattr(req, "_sgl_merge_steps", 0) + 1
-        agreed = getattr(req, "_sgl_merge_agreed", 0) + int(ok)
-        req._sgl_merge_steps, req._sgl_merge_agreed = steps, agreed
-        info = {"group": spec.group, "size": spec.size, "mode": spec.mode, "weight": spec.weight,
-                "merged_steps": steps, "agreement": agreed / steps}
-        if spec.mode == "entropy":
-            info["tau"] = spec.tau
-        # Token-aligned, so SGLang's output streamer sends it with every streamed chunk as well as
-        # at the end; only the newest entry is kept (the earlier ones are cleared).
-        if req.customized_info is None:
-            req.customized_info = {}
-        values = req.customized_info.setdefault(INFO_KEY, [])
-        if values:
-            values[-1] = None
-        values.append(info)
+    if recorded is not None:
+        _current = recorded
     return None
+
+
+def report_finished(req) -> None:
+    """A member finished (its KV is being released): put its merge figures in its output, read from
+    the counters of the step being processed, or (ended between steps, e.g. aborted) from the device
+    table itself. Token-aligned like SGLang's other customized info, the figures ride on the last
+    token, so streamed and whole responses both end with them."""
+    spec = member_spec(req)
+    slot = getattr(req, "_sgl_merge_slot", None)
+    if spec is None or slot is None:
+        return
+    counts = None
+    if _current is not None and (j := _current[0].index.get(id(req))) is not None:
+        _, host, copied = _current
+        if copied is not None:
+            copied.synchronize()  # passed already: SGLang waited for the step's token ids
+        counts = host[j]
+    elif _stats is not None:
+        counts = _stats[slot]
+    agreed, steps = counts.tolist() if counts is not None else (0, 0)
+    if not steps:
+        return
+    info = {"group": spec.group, "size": spec.size, "mode": spec.mode, "weight": spec.weight,
+            "merged_steps": steps, "agreement": agreed / steps}
+    if spec.mode == "entropy":
+        info["tau"] = spec.tau
+    if req.customized_info is None:
+        req.customized_info = {}
+    req.customized_info[INFO_KEY] = [None] * max(len(req.output_ids) - 1, 0) + [info]
 
 
 def meta_info(original, manager, meta_info, state, customized_info, index, finish_reason):

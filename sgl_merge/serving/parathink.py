@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from sgl_merge.models.parathinker import find_control_ids, path_logit_bias
+from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
 from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS, RELEASE_RID
 from sgl_merge.serving.think_merge import ThinkMergeError, _integer, _last, _temperature
 
@@ -144,6 +144,9 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
         summary.input_ids = manager.tokenizer.encode(summary_prefix(call), add_special_tokens=False)
         summary.require_reasoning = False  # the context already holds the thinking
         params = dict(obj.sampling_params or {})
+        if call.paths:  # a ParaThinker's summary samples no control token but its own close
+            controls = find_control_ids(lambda text: _single_token(manager.tokenizer, text))
+            params["logit_bias"] = {**(params.get("logit_bias") or {}), **summary_logit_bias(controls)}
         params["custom_params"] = {**(params.get("custom_params") or {}), JOIN_KEY: {
             "sources": sources, "prompt_len": len(traces[0]["prompt_token_ids"]) - call.opener_tokens,
             "positions": call.config.positions}}
