@@ -29,6 +29,23 @@ def pt_server(parathinker, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pt_chunked_server(parathinker, tmp_path_factory):
+    """The same checkpoint under SGLang's overlap scheduler (its GPU default) with prefills chunked
+    every 8 tokens, so a sequence's segments cross chunk boundaries and steps overlap."""
+    from sgl_merge.server import ServerProcess
+
+    log = tmp_path_factory.mktemp("parathinker-chunked") / "server.log"
+    srv = ServerProcess.prepare(["--model-path", str(parathinker), "--port", str(free_port()), *TEST_SERVER_FLAGS,
+                                 "--chunked-prefill-size", "8"], log_path=str(log))
+    srv.argv.remove("--disable-overlap-schedule")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
 def ref(parathinker):
     return ParaThinkerReference(parathinker)
 
@@ -61,11 +78,13 @@ def test_a_stage_may_sample_only_its_own_closing_control_token():
     assert set(bias) == {"9", "1", "2", "3", "4", "11", "12"} and all(b <= -1e4 for b in bias.values())
 
 
-def test_segments_follow_the_tokens_and_outputs_equal_the_reference(pt_server, ref):
+@pytest.mark.parametrize("server_name", ["pt_server", "pt_chunked_server"])
+def test_segments_follow_the_tokens_and_outputs_equal_the_reference(server_name, ref, request):
     """Prompt, paths and summary in one sequence (prefill), then decoding in segment 0, and a
     sequence that ends inside a path (decoding in that path's segment), stray closing tokens
-    included; the segment embeddings
-    must matter: a plain Qwen2 on the same weights decodes otherwise."""
+    included; on the default CPU server and under chunked prefill with the overlap scheduler. The
+    segment embeddings must matter: a plain Qwen2 on the same weights decodes otherwise."""
+    pt_server = request.getfixturevalue(server_name)
     opens, closes = {v: k for k, v in ref.opens.items()}, {v: k for k, v in ref.closes.items()}
     cases = [PROMPT + [60, 61],
              PROMPT + path(ref, 1, [60, 61]) + path(ref, 2, [70]) + [ref.summary, 80],
