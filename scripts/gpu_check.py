@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -323,7 +324,7 @@ def _step(device, sync_mode: bool):
         torch.cuda.set_sync_debug_mode("error")
     try:
         sampling._set(info, reqs)  # a batch change: pack_groups, slots, leader map (host tensors, then copies)
-        with recorder or _null():  # on a CPU every tensor is a host tensor: watch the steps alone
+        with recorder or nullcontext():  # on a CPU every tensor is a host tensor: watch the steps alone
             for _ in range(3):
                 out = SimpleNamespace(next_token_logits=logits.clone())
                 ids = sampling.sample(original, None, out, info)
@@ -332,14 +333,6 @@ def _step(device, sync_mode: bool):
         if sync_mode:
             torch.cuda.set_sync_debug_mode(0)
     return reqs, ids, out, recorder
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @check("sampling step, batch change and segment ids: no host sync")

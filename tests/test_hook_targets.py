@@ -4,6 +4,7 @@ server: a drift in SGLang shows up here first, not as a scheduler that misbehave
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import pytest
@@ -13,6 +14,21 @@ from sgl_merge.runtime import plugin
 HOOKS = plugin.hook_table()
 
 
+def resolve(target: str):
+    """The SGLang object a dotted hook target names: its longest importable module, then attributes
+    (AttributeError where SGLang no longer has it)."""
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(f"no module of {target!r} can be imported")
+
+
 def _positional(params) -> list:
     return [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
@@ -20,10 +36,10 @@ def _positional(params) -> list:
 @pytest.mark.parametrize("target,kind,fn", HOOKS, ids=[f"{kind}:{t.rsplit('.', 2)[-2]}.{t.rsplit('.', 1)[-1]}"
                                                        for t, kind, _ in HOOKS])
 def test_the_hook_target_exists_and_takes_what_the_hook_passes(target, kind, fn):
-    obj = plugin.resolve(target)
+    obj = resolve(target)
     assert callable(obj), f"{target} is not callable in this SGLang"
     theirs = list(inspect.signature(obj).parameters.values())
-    owner = plugin.resolve(target.rsplit(".", 1)[0])
+    owner = resolve(target.rsplit(".", 1)[0])
     if inspect.isclass(owner) and isinstance(inspect.getattr_static(owner, target.rsplit(".", 1)[1]), classmethod):
         theirs = [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD), *theirs]
     ours = list(inspect.signature(fn).parameters.values())

@@ -185,24 +185,30 @@ def merge_logits_torch(
     live = (group_rows >= 0)[..., None]  # [G, K, 1]
     rows = torch.where(live[..., 0], group_rows, group_rows[:, :1]).flatten().long()
     z = logits.index_select(0, rows).view(n_groups, k_max, -1).float()
+    w = group_weights.view(n_groups, k_max, 1)
     if modes is not None and modes <= {MODE_LOGITS}:
-        w = group_weights.view(n_groups, k_max, 1)
-        merged = torch.where(live & (w > 0), w * z, 0.0).sum(1).to(logits.dtype)
-        logits.index_copy_(0, rows, merged.unsqueeze(1).expand(-1, k_max, -1).flatten(0, 1))
-        return
-    modes = group_modes.view(n_groups, 1, 1)
+        merged = _weighted_sum(z, w, live)
+    else:
+        merged = _merge_any_mode(z, w, live, group_modes.view(n_groups, 1, 1), group_taus.view(-1, 1, 1))
+    logits.index_copy_(0, rows, merged.to(logits.dtype).unsqueeze(1).expand(-1, k_max, -1).flatten(0, 1))
+
+
+def _weighted_sum(y: torch.Tensor, w: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k * y_k over the live members (an underflowed weight masks nothing: no 0 * -inf)."""
+    return torch.where(live & (w > 0), w * y, 0.0).sum(1)
+
+
+def _merge_any_mode(z, group_weights, live, modes, taus) -> torch.Tensor:
+    """Every mode's formula for every group, each group's own selected (no host sync)."""
     log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)
     # Mode 3: per-member weights from each member's entropy, renormalised over the live members.
     entropy = torch.special.entr(log_p.exp()).sum(-1, keepdim=True)  # [G, K, 1]
-    v = torch.where(live, group_weights.view(n_groups, k_max, 1).log() - entropy / group_taus.view(-1, 1, 1),
-                    -math.inf).softmax(1)
-    w = torch.where(modes == MODE_ENTROPY, v, group_weights.view(n_groups, k_max, 1))
+    v = torch.where(live, group_weights.log() - entropy / taus, -math.inf).softmax(1)
+    w = torch.where(modes == MODE_ENTROPY, v, group_weights)
     # z itself in modes 0 and 3, log_softmax(z) in modes 1 and 2.
     y = torch.where((modes == MODE_LOGITS) | (modes == MODE_ENTROPY), z, log_p)
-    linear = torch.where(live & (w > 0), w * y, 0.0).sum(1)
     mixture = torch.logsumexp(torch.where(live, w.log() + y, -math.inf), dim=1)
-    merged = torch.where(modes[:, 0] == MODE_PROBS, mixture, linear).to(logits.dtype)
-    logits.index_copy_(0, rows, merged.unsqueeze(1).expand(-1, k_max, -1).flatten(0, 1))
+    return torch.where(modes[:, 0] == MODE_PROBS, mixture, _weighted_sum(y, w, live))
 
 
 @triton.jit
@@ -418,7 +424,7 @@ def merge_backend(device: torch.device | str) -> str:
 def warm_up(device: torch.device | str, vocab: int, dtypes=(torch.float32,), widths=WARM_WIDTHS) -> float:
     """Compile both kernels for every table width in `widths` and logits dtype in `dtypes` at this
     vocabulary size (Triton specialises on it), so that no merge compiles inside the serving loop.
-    Returns the seconds it took; if compiling fails, the torch path serves (`triton_failure` says
+    Returns (and keeps, for the status) the seconds it took; if compiling fails, the torch path serves (`triton_failure` says
     why) instead of an exception reaching the scheduler."""
     import time
 
@@ -434,7 +440,9 @@ def warm_up(device: torch.device | str, vocab: int, dtypes=(torch.float32,), wid
     except Exception as e:  # noqa: BLE001 - any compiler or driver failure: serve with torch
         disable_triton(f"compiling for V={vocab}, dtypes {[str(d) for d in dtypes]} failed: "
                        f"{type(e).__name__}: {e}")
-    return time.perf_counter() - start
+    global warm_seconds
+    warm_seconds = time.perf_counter() - start
+    return warm_seconds
 
 
 def merge_logits_(

@@ -84,7 +84,6 @@ def warm_kernels(result, scheduler, *args, **kwargs):
 
         device = torch.device("cuda", torch.cuda.current_device())
         secs = kernels.warm_up(device, scheduler.model_config.vocab_size)  # SGLang's logits are fp32
-        kernels.warm_seconds = secs
         if kernels.triton_failure is None:
             logger.info("sgl-merge: merge kernels compiled for K widths %s in %.1f s", kernels.WARM_WIDTHS, secs)
     return result

@@ -72,23 +72,6 @@ def hook_table() -> list[tuple[str, str, object]]:
             *HOOKS, *SERVING_HOOKS, *GUARD_HOOKS]
 
 
-def resolve(target: str):
-    """The SGLang object a dotted hook target names (its longest importable module, then attributes);
-    AttributeError / ImportError where SGLang no longer has it."""
-    import importlib
-
-    parts = target.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ModuleNotFoundError:
-            continue
-        for name in parts[i:]:
-            obj = getattr(obj, name)
-        return obj
-    raise ImportError(f"no module of {target!r} can be imported")
-
-
 def load() -> None:
     """Entry point. Refuses (raises, which SGLang logs) on any SGLang other than the pinned one.
     In the HTTP process it also adds the KV join's routes (`sgl_merge.serving.join_routes`), once

@@ -24,6 +24,7 @@ input is `summary_prefix` after prompt + path 1 + ... + path P, at positions aft
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
@@ -88,6 +89,12 @@ def _single_token(tokenizer, text: str) -> int | None:
     return ids[0] if len(ids) == 1 and tokenizer.decode(ids) == text else None
 
 
+@functools.cache
+def _control_ids(tokenizer) -> dict[str, int]:
+    """The server tokenizer's control tokens (`find_control_ids`), read once per tokenizer."""
+    return find_control_ids(lambda text: _single_token(tokenizer, text))
+
+
 def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[tuple[str, int, dict]] | None:
     """ParaThinker's paths for this call, each path's opening text, closing token id and logit bias
     (no other control token sampled inside it, `path_logit_bias`), or None
@@ -97,7 +104,7 @@ def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[tup
     if config.layout == "plain" or (config.layout == "auto" and (_single_token(tokenizer, "<think1>") is None
                                                                  or _single_token(tokenizer, "<summary>") is None)):
         return None
-    controls = find_control_ids(lambda text: _single_token(tokenizer, text))
+    controls = _control_ids(tokenizer)
     paths = []
     for i in range(1, config.k + 1):
         close = _single_token(tokenizer, f"</think{i}>")
@@ -145,8 +152,8 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
         summary.require_reasoning = False  # the context already holds the thinking
         params = dict(obj.sampling_params or {})
         if call.paths:  # a ParaThinker's summary samples no control token but its own close
-            controls = find_control_ids(lambda text: _single_token(manager.tokenizer, text))
-            params["logit_bias"] = {**(params.get("logit_bias") or {}), **summary_logit_bias(controls)}
+            params["logit_bias"] = {**(params.get("logit_bias") or {}),
+                                    **summary_logit_bias(_control_ids(manager.tokenizer))}
         params["custom_params"] = {**(params.get("custom_params") or {}), JOIN_KEY: {
             "sources": sources, "prompt_len": len(traces[0]["prompt_token_ids"]) - call.opener_tokens,
             "positions": call.config.positions}}
