@@ -20,6 +20,19 @@ def seconds(name: str, default: float) -> float:
         return default
 
 
+def count(name: str, default: int) -> int:
+    """`$name` as a whole number >= 0; `default` when unset, or (logged) when not one."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        value = -1
+    if value < 0:
+        logger.error("%s=%r is not a whole number >= 0; using %s", name, raw, default)
+        return default
+    return value
+
+
 def flag(name: str) -> bool:
     """`$name` as an on/off switch: on for 1 / true / yes (any case), off when unset or anything else."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")

@@ -16,6 +16,7 @@ PROMPT = [5, 17, 33, 40, 41, 42, 43, 44]
 # Unequal source lengths: their own prompt tails and how many tokens each generates.
 TAILS = [([60], 5), ([70, 71], 9), ([80, 81, 82], 2), ([90, 91, 92, 93], 13)]
 CONTINUATION = [100, 101, 102]
+OWNER = "test-kv-join"  # what the sources are kept under, and what joins and releases present
 
 
 def post(server, body):
@@ -30,7 +31,7 @@ def keep_sources(server, n, prompt=PROMPT, **keep):
         rid = f"src-{tag}-{i}"
         r = post(server, {"input_ids": prompt + tail, "rid": rid, "sampling_params": {
             "temperature": 0, "max_new_tokens": steps, "ignore_eos": True,
-            "custom_params": {"sgl_merge_keep": keep or True}}})
+            "custom_params": {"sgl_merge_keep": {"owner": OWNER, **keep}}}})
         assert r.status_code == 200, r.text
         rids.append(rid)
         kept.append(prompt + tail + r.json()["output_ids"][:-1])
@@ -40,7 +41,7 @@ def keep_sources(server, n, prompt=PROMPT, **keep):
 def join(server, sources, continuation=CONTINUATION, steps=12, **fields):
     return post(server, {"input_ids": continuation, "sampling_params": {
         "temperature": 0, "max_new_tokens": steps, "ignore_eos": True,
-        "custom_params": {"sgl_merge_join": {"sources": sources, **fields}}}})
+        "custom_params": {"sgl_merge_join": {"sources": sources, "owner": OWNER, **fields}}}})
 
 
 def plugin_state(server):
@@ -134,7 +135,7 @@ def test_input_logprobs_of_a_join_cover_its_continuation(server):
     rids, _ = keep_sources(server, 2)
     r = post(server, {"input_ids": CONTINUATION, "return_logprob": True, "logprob_start_len": 0,
                       "sampling_params": {"temperature": 0, "max_new_tokens": 4,
-                                          "custom_params": {"sgl_merge_join": {"sources": rids}}}})
+                                          "custom_params": {"sgl_merge_join": {"sources": rids, "owner": OWNER}}}})
     assert r.status_code == 200, r.text
     meta = r.json()["meta_info"]
     assert 1 <= len(meta["input_token_logprobs"]) <= len(CONTINUATION)
@@ -146,7 +147,7 @@ def test_released_sources_are_refused_with_the_source_named(server):
     assert join(server, rids).status_code == 200
     r = join(server, rids)
     assert r.status_code == 400
-    assert f"sgl_merge_join.sources[0] = {rids[0]!r} is not a kept request" in r.json()["error"]["message"]
+    assert f"sgl_merge_join.sources[0] = {rids[0]!r} is not a source this request may join" in r.json()["error"]["message"]
 
 
 def test_kept_sources_expire_after_their_ttl(server):
@@ -189,8 +190,8 @@ def test_joins_that_cannot_be_made_are_400s_naming_the_source(server):
     plain = f"plain-{uuid.uuid4().hex[:8]}"
     assert post(server, {"input_ids": PROMPT + [9], "rid": plain, "sampling_params": {"max_new_tokens": 2}}).ok
     cases = [
-        ([rids[0], plain], {}, f"sources[1] = {plain!r} is not a kept request"),
-        ([rids[0], "no-such-rid"], {}, "sources[1] = 'no-such-rid' is not a kept request"),
+        ([rids[0], plain], {}, f"sources[1] = {plain!r} is not a source this request may join"),
+        ([rids[0], "no-such-rid"], {}, "sources[1] = 'no-such-rid' is not a source this request may join"),
         (rids, {"prompt_len": len(PROMPT) + 1}, f"sources[1] = {rids[1]!r} does not share the first"),
         (rids, {"prompt_len": 10_000}, "prompt_len = 10000 is longer than sources[0]"),
     ]
@@ -210,7 +211,7 @@ def test_a_join_longer_than_the_context_is_a_400_naming_the_sources(server):
     message = r.json()["error"]["message"]
     assert "more than this server's longest input" in message and repr(rids[2]) in message
     requests.post(f"{server.url}/generate", timeout=60, json={"input_ids": [7], "sampling_params": {
-        "max_new_tokens": 1, "custom_params": {"sgl_merge_join": {"sources": rids}}}})  # release them
+        "max_new_tokens": 1, "custom_params": {"sgl_merge_join": {"sources": rids, "owner": OWNER}}}})  # release them
     wait_released(server, rids)
 
 
@@ -291,7 +292,7 @@ def test_forks_join_concate_and_append_is_a_kv_join_with_sgl_merge_runtime_endpo
 
 def test_kept_sources_can_be_released_early(server):
     rids, _ = keep_sources(server, 2)
-    r = requests.post(f"{server.url}/sgl_merge/release", json={"rids": rids}, timeout=10)
+    r = requests.post(f"{server.url}/sgl_merge/release", json={"rids": rids, "owner": OWNER}, timeout=10)
     assert r.status_code == 200 and r.json()["released"] == rids
     wait_released(server, rids)
     r = requests.post(f"{server.url}/sgl_merge/release", json={"rids": "x"}, timeout=10)

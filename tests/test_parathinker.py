@@ -120,12 +120,12 @@ def test_a_summary_joined_over_paths_equals_the_reference(pt_server, ref, positi
         kept = ids + out + [path(ref, n, [])[-1]]  # the path, closed
         rid = f"pt-{positions}-{n}"
         r = requests.post(f"{pt_server.url}/generate", timeout=60, json={"input_ids": kept, "rid": rid,
-                          "sampling_params": {"max_new_tokens": 0, "custom_params": {"sgl_merge_keep": True}}})
+                          "sampling_params": {"max_new_tokens": 0, "custom_params": {"sgl_merge_keep": {"owner": "pt"}}}})
         assert r.status_code == 200, r.text
         rids.append(rid)
         sources.append(kept)
     out = generate(pt_server, [ref.summary, 90], 10,
-                   sgl_merge_join={"sources": rids, "prompt_len": len(PROMPT), "positions": positions})
+                   sgl_merge_join={"sources": rids, "owner": "pt", "prompt_len": len(PROMPT), "positions": positions})
     assert check_joined_greedy(ref, sources, len(PROMPT), [ref.summary, 90], out["output_ids"], positions) == 10
     # The joined sequence sent plainly is an ordinary sequential computation.
     joined = PROMPT + [t for s in sources for t in s[len(PROMPT):]] + [ref.summary, 90]

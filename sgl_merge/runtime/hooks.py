@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import zlib
 from array import array
+from http import HTTPStatus
 
 from sgl_merge.runtime import join, sampling
 from sgl_merge.runtime.groups import PROTECTED, GroupRegistry, member_spec
@@ -97,22 +98,26 @@ def record_requested_max_new(original, scheduler, req):
     before SGLang caps it by each member's own context length. The registry exists from a first
     member's arrival on, before its grammar (if any) compiles and it reaches the waiting queue.
     A join becomes prompt + parts + continuation here, so that SGLang's length caps and checks
-    that follow see the whole sequence; a join it cannot make is a 400 naming the source."""
+    that follow see the whole sequence; a join it cannot make is a 400 naming the source. A keep
+    reserves its share of the kept-KV budget once SGLang capped its max_new_tokens (a 429 when
+    the budget is spent)."""
     if _asks_to_merge(req):
         registry(scheduler)
         req._sgl_merge_requested_max_new = req.sampling_params.max_new_tokens
     params = req.sampling_params.custom_params
-    if isinstance(params, dict) and req.to_finish is None and req.finished_reason is None:
-        if (ttl := join.parse_keep(params)) is not None:
-            joins(scheduler)
-            req._sgl_keep_ttl = ttl
-        if (spec := join.parse_join(params)) is not None:
-            plan = joins(scheduler).plan(req, spec)
-            if isinstance(plan, str):
-                join.bad_request(req, plan)
-            else:
-                joins(scheduler).attach(req, plan)
-    return original(scheduler, req)
+    if not isinstance(params, dict) or req.to_finish is not None or req.finished_reason is not None:
+        return original(scheduler, req)
+    if (spec := join.parse_join(params)) is not None:
+        plan = joins(scheduler).plan(req, spec)
+        if isinstance(plan, str):
+            join.refuse(req, plan)
+        else:
+            joins(scheduler).attach(req, plan)
+    out = original(scheduler, req)
+    if (keep := join.parse_keep(params)) is not None and req.to_finish is None and req.finished_reason is None:
+        if (why := joins(scheduler).admit_keep(req, keep)) is not None:
+            join.refuse(req, why, HTTPStatus.TOO_MANY_REQUESTS)
+    return out
 
 
 def claim_joined_prefix(original, req, tree_cache=None, cow_mamba=None):
@@ -189,8 +194,8 @@ def init_segment_rows(result, cls, batch, model_runner, **kwargs):
 def release_kv(original, req, tree_cache, *, checkpoint):
     """AROUND mem_cache.common.release_kv_cache: a finished member reports its merge figures; a
     finished kept request stays locked in the tree (locked right after SGLang's own checkpoint,
-    before anything can evict it); a join's row loses its position shift, and a finished join lets
-    go of its sources."""
+    before anything can evict it); a join's row loses its position shift; a finished request lets
+    go of what it held (`JoinRegistry.ended`)."""
     plan = getattr(req, "_sgl_join", None)
     if plan is not None and _joins is not None and req.kv.holds_kv:
         _joins.clear_row_delta(req.kv.req_pool_idx)
@@ -198,11 +203,21 @@ def release_kv(original, req, tree_cache, *, checkpoint):
         sampling.report_finished(req)
     out = original(req, tree_cache, checkpoint=checkpoint)
     if _joins is not None and req.finished():
-        if plan is not None:
-            _joins.finish(req)
-        if checkpoint and (ttl := getattr(req, "_sgl_keep_ttl", None)) is not None:
-            _joins.keep(req, ttl)
+        if checkpoint:
+            _joins.keep(req)
+        _joins.ended(req)
     return out
+
+
+def request_ended(result, scheduler, *args, **kwargs):
+    """AFTER Scheduler._release_aborted_request and Scheduler.send_abort_output, the two calls of
+    every path by which SGLang ends a request outside its output stream (aborted while queued or
+    while its grammar compiles, retracted and aborted, refused on arrival): the request lets go of
+    the kept KV it held or reserved (`JoinRegistry.ended`)."""
+    if _joins is not None:
+        req = args[-1] if args else kwargs.get("req")
+        _joins.ended(req)
+    return result
 
 
 def forget_pins_on_flush(original, scheduler, *args, **kwargs):
@@ -321,8 +336,8 @@ def abort(original, scheduler, recv_req):
     An abort aimed at a kept source (its expiry, or /sgl_merge/release) releases it on this rank and
     reaches no request."""
     if isinstance(recv_req.rid, str) and recv_req.rid.startswith(join.RELEASE_RID):
-        if _joins is not None:
-            _joins.release(recv_req.rid[len(join.RELEASE_RID):])
+        if _joins is not None and (key := join.parse_release_rid(recv_req.rid)) is not None:
+            _joins.release(key)
         return None
     reg = _registry
     if reg is None:
@@ -357,6 +372,8 @@ HOOKS = [
     ("sglang.srt.managers.schedule_batch.Req.init_next_round_input", "AROUND", claim_joined_prefix),
     ("sglang.srt.mem_cache.allocation._prefix_kv_indices", "AROUND", joined_prefix_indices),
     ("sglang.srt.mem_cache.common.release_kv_cache", "AROUND", release_kv),
+    ("sglang.srt.managers.scheduler.Scheduler._release_aborted_request", "AFTER", request_ended),
+    ("sglang.srt.managers.scheduler.Scheduler.send_abort_output", "AFTER", request_ended),
     ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "AFTER", shift_joined_positions),
     ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "AFTER", init_segment_rows),
     ("sglang.srt.model_loader.utils.get_model_architecture", "AROUND", parathinker_architecture),

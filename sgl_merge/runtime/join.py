@@ -2,20 +2,24 @@
 
 Two request fields (`sampling_params.custom_params`):
 
-    "sgl_merge_keep": true | {"ttl_s": 300}
+    "sgl_merge_keep": true | {"ttl_s": 300, "owner": "<secret>"}
         When this request finishes, keep its KV (prompt + output, all but the last sampled
         token, which never went through the model) locked in the radix cache for a later join,
-        until a join releases it or `ttl_s` seconds pass.
+        until a join releases it or `ttl_s` seconds pass. The source belongs to `owner`: only a
+        join or a release that presents it can use the source. Without one the server makes one
+        up and answers it as `meta_info["sgl_merge_keep"]["owner"]` (one per /generate call).
 
-    "sgl_merge_join": {"sources": ["rid-a", "rid-b", ...], "prompt_len": P,
-                       "positions": "after_longest" | "sequential", "release_sources": true}
+    "sgl_merge_join": {"sources": ["rid-a", "rid-b", ...], "owner": "<secret>" | ["<secret>", ...],
+                       "prompt_len": P, "positions": "after_longest" | "sequential",
+                       "release_sources": true}
         This request's input is the continuation only. It runs after
         prompt(P tokens, shared by all sources) + part_1 + ... + part_n, where part_i is source
         i's kept tokens from P on, read from the sources' KV as it is: nothing is copied or
         recomputed, only the continuation is prefilled. Positions of the continuation start at
         P + the longest part ("after_longest", ParaThinker's convention) or at P + the sum of the
         parts ("sequential", what one sequence of that length would get). P defaults to the
-        sources' longest common prefix (with one source: its whole length).
+        sources' longest common prefix (with one source: its whole length). `owner` is each
+        source's owner (one string for all).
 
 Why it is exact and leaves the cache sound: each part's KV was computed attending to the prompt
 and that part only, which is the join's definition; the joined sequence is no sequential
@@ -24,23 +28,40 @@ claimed from the pins, never matched, so an unrelated request that sends the sam
 plain computation. The sources' own sequences (prompt + part_i) stay in the cache: they are
 sequential.
 
-Lifecycle: a kept source is a lock on its radix-tree leaf; a join holds it from arrival to finish
-(retraction included); `release_sources` drops the pins when the join finishes; expiry goes
-through SGLang's broadcast abort path so every tensor-parallel rank unlocks the same node in the
-same iteration, and so does an early release (`POST /sgl_merge/release {"rids": [...]}`);
-`/flush_cache` (only possible when idle) forgets all pins with the tree.
+Ownership: a kept source is found by (owner, rid), so a join or release without the owner gets the
+answer an unknown rid gets (nothing tells whether the rid exists), and two clients that keep the
+same rid keep two sources.
+
+Budget: kept KV is memory no other request can use. A keep is refused (429) at arrival when its
+prompt + max_new_tokens, with what is kept and reserved already, would pass
+SGLANG_MERGE_KEEP_MAX_TOKENS (default: half the KV cache), or when its owner already holds
+SGLANG_MERGE_KEEP_MAX_PER_OWNER sources (default 64). Nothing kept is reclaimed early: sources
+leave by a join's `release_sources`, `/sgl_merge/release`, or their TTL.
+
+Lifecycle: a kept source is a lock on its radix-tree leaf; a join holds it from arrival until it
+ends, however it ends. `JoinRegistry.ended` is the one place a request lets go: SGLang calls it
+(through the plugin's hooks) when a finished request's KV is released and when it ends a request
+outside the output stream (aborted while queued, retracted and aborted, refused on arrival). There
+a join drops its holds (and with `release_sources` its sources) and a keep its reservation.
+Expiry goes through SGLang's broadcast abort path so every tensor-parallel rank unlocks the same
+node in the same iteration, and so does an early release (`POST /sgl_merge/release {"rids": [...],
+"owner": ...}`), which also cancels a keep that has not finished yet; `/flush_cache` (only
+possible when idle) forgets all pins with the tree.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import secrets
 import time
 import weakref
 from array import array
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from sgl_merge.envs import count
 from sgl_merge.runtime.spec import KEY as MERGE_KEY, MergeSpecError
 
 logger = logging.getLogger("sgl_merge")
@@ -50,37 +71,71 @@ JOIN_KEY = "sgl_merge_join"
 KEEP_PREFIX = f"sampling_params.custom_params.{KEEP_KEY}"
 JOIN_PREFIX = f"sampling_params.custom_params.{JOIN_KEY}"
 POSITIONS = ("after_longest", "sequential")
-JOIN_FIELDS = ("sources", "prompt_len", "positions", "release_sources")
+KEEP_FIELDS = ("ttl_s", "owner")
+JOIN_FIELDS = ("sources", "owner", "prompt_len", "positions", "release_sources")
 DEFAULT_TTL_S = 300.0
 MAX_TTL_S = 24 * 3600.0
 MAX_SOURCES = 256
+MAX_OWNER_LEN = 256
 RELEASE_RID = "sgl-merge-release:"  # aborts aimed at a kept source (expiry, /sgl_merge/release), not at a request
+MAX_TOKENS_ENV = "SGLANG_MERGE_KEEP_MAX_TOKENS"
+MAX_PER_OWNER_ENV = "SGLANG_MERGE_KEEP_MAX_PER_OWNER"
+DEFAULT_MAX_PER_OWNER = 64
+OWNER_HINT = (f"present the owner it was kept under ({JOIN_PREFIX}.owner: the {KEEP_KEY}.owner you sent, or "
+              f"meta_info.{KEEP_KEY}.owner of the keep's response)")
 
 
 # ------------------------------------------------------------------ the request contract
 
 
 @dataclass(frozen=True)
+class KeepSpec:
+    ttl_s: float = DEFAULT_TTL_S
+    owner: str | None = None  # None until the tokenizer process makes one up
+
+
+@dataclass(frozen=True)
 class JoinSpec:
     sources: tuple[str, ...]
+    owners: tuple[str | None, ...] = ()  # one per source
     prompt_len: int | None = None
     positions: str = "after_longest"
     release_sources: bool = True
 
 
-def parse_keep(custom_params) -> float | None:
-    """The keep TTL in seconds, None if the request does not ask to be kept."""
+def _owner(value, where: str) -> str:
+    if isinstance(value, str) and 0 < len(value) <= MAX_OWNER_LEN:
+        return value
+    raise MergeSpecError(f"{where} must be a non-empty string of at most {MAX_OWNER_LEN} characters (a secret "
+                         f"only the keeping client knows), got {value!r}")
+
+
+def parse_keep(custom_params) -> KeepSpec | None:
+    """The request's KeepSpec, None if it does not ask to be kept; MergeSpecError if malformed."""
     if not isinstance(custom_params, dict) or KEEP_KEY not in custom_params:
         return None
     entry = custom_params[KEEP_KEY]
     if entry is True:
-        return DEFAULT_TTL_S
-    if isinstance(entry, dict) and set(entry) <= {"ttl_s"}:
-        ttl = entry.get("ttl_s", DEFAULT_TTL_S)
-        if not isinstance(ttl, bool) and isinstance(ttl, (int, float)) and math.isfinite(ttl) and 0 < ttl <= MAX_TTL_S:
-            return float(ttl)
+        return KeepSpec()
+    if not isinstance(entry, dict) or not set(entry) <= set(KEEP_FIELDS):
+        raise MergeSpecError(f'{KEEP_PREFIX} must be true or {{"ttl_s": seconds, "owner": "<secret>"}}, got {entry!r}')
+    ttl = entry.get("ttl_s", DEFAULT_TTL_S)
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or not 0 < ttl <= MAX_TTL_S:
         raise MergeSpecError(f"{KEEP_PREFIX}.ttl_s must be a number of seconds in (0, {MAX_TTL_S:g}], got {ttl!r}")
-    raise MergeSpecError(f'{KEEP_PREFIX} must be true or {{"ttl_s": seconds}}, got {entry!r}')
+    owner = entry.get("owner")
+    return KeepSpec(float(ttl), None if owner is None else _owner(owner, f"{KEEP_PREFIX}.owner"))
+
+
+def parse_owners(value, n: int, where: str) -> tuple[str | None, ...]:
+    """`owner` of a join or release: one string for all n sources, or a list of n."""
+    if value is None:
+        return (None,) * n
+    if isinstance(value, list):
+        if len(value) != n:
+            raise MergeSpecError(f"{where} must be one owner for all sources or a list of {n} (one per source), "
+                                 f"got a list of {len(value)}")
+        return tuple(_owner(v, f"{where}[{i}]") for i, v in enumerate(value))
+    return (_owner(value, where),) * n
 
 
 def parse_join(custom_params) -> JoinSpec | None:
@@ -89,7 +144,7 @@ def parse_join(custom_params) -> JoinSpec | None:
         return None
     entry = custom_params[JOIN_KEY]
     if not isinstance(entry, dict):
-        raise MergeSpecError(f'{JOIN_PREFIX} must be an object like {{"sources": ["<rid>", ...]}}, '
+        raise MergeSpecError(f'{JOIN_PREFIX} must be an object like {{"sources": ["<rid>", ...], "owner": "<secret>"}}, '
                              f"got {type(entry).__name__}")
     unknown = sorted(set(entry) - set(JOIN_FIELDS))
     if unknown:
@@ -101,6 +156,7 @@ def parse_join(custom_params) -> JoinSpec | None:
                              f"finished requests sent with {KEEP_KEY}), got {sources!r}")
     if len(set(sources)) != len(sources):
         raise MergeSpecError(f"{JOIN_PREFIX}.sources names a request twice: {sources!r}")
+    owners = parse_owners(entry.get("owner"), len(sources), f"{JOIN_PREFIX}.owner")
     prompt_len = entry.get("prompt_len")
     if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 0):
         raise MergeSpecError(f"{JOIN_PREFIX}.prompt_len must be an integer >= 0 (tokens the sources share), "
@@ -114,15 +170,41 @@ def parse_join(custom_params) -> JoinSpec | None:
     if MERGE_KEY in custom_params:
         raise MergeSpecError(f"{JOIN_PREFIX} cannot be combined with custom_params.{MERGE_KEY} (yet): send the join "
                              "as a plain request")
-    return JoinSpec(tuple(sources), prompt_len, positions, release)
+    return JoinSpec(tuple(sources), owners, prompt_len, positions, release)
 
 
 def verify(params) -> None:
-    """Tokenizer-side validation of both fields of a SamplingParams (a 400 naming the field)."""
-    parse_keep(params.custom_params)
+    """Tokenizer-side validation of both fields of a SamplingParams (a 400 naming the field). A keep
+    without an owner gets one made up here, written into the request's own custom_params, so every
+    scheduler rank sees the same owner and the response can answer it (`keep_owner`)."""
+    keep = parse_keep(params.custom_params)
+    if keep is not None and keep.owner is None:
+        entry = params.custom_params[KEEP_KEY]
+        params.custom_params[KEEP_KEY] = {**(entry if isinstance(entry, dict) else {}),
+                                          "owner": secrets.token_urlsafe(18)}
     if parse_join(params.custom_params) is not None and (params.n or 1) > 1:
         raise MergeSpecError(f"sampling_params.n = {params.n} cannot be combined with {JOIN_PREFIX}: send n join "
                              "requests (each one a join of the same sources, with release_sources false)")
+
+
+def keep_owner(sampling_params) -> str | None:
+    """The owner a keep request's sources belong to (after `verify`), from its sampling params."""
+    custom = (sampling_params or {}).get("custom_params") if isinstance(sampling_params, dict) else None
+    entry = custom.get(KEEP_KEY) if isinstance(custom, dict) else None
+    return entry.get("owner") if isinstance(entry, dict) else None
+
+
+def release_rid(owner: str, rid: str) -> str:
+    """The rid of the abort that releases (owner, rid) on every rank (see `hooks.abort`)."""
+    return RELEASE_RID + json.dumps([owner, rid])
+
+
+def parse_release_rid(abort_rid: str) -> tuple[str, str] | None:
+    try:
+        owner, rid = json.loads(abort_rid[len(RELEASE_RID):])
+    except (ValueError, TypeError):
+        return None
+    return (owner, rid) if isinstance(owner, str) and isinstance(rid, str) else None
 
 
 # ------------------------------------------------------------------ the scheduler's state
@@ -133,6 +215,7 @@ class KeptSource:
     """A finished request's KV, locked in the radix tree: `tokens` are what its path holds."""
 
     rid: str
+    owner: str
     lock: object
     node: object
     tokens: array
@@ -141,9 +224,12 @@ class KeptSource:
     holders: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # joins reading this KV
     expiring: bool = False
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.owner, self.rid
+
     def held(self) -> bool:
-        # A join aborted while still waiting never releases a row: finished is enough to let go.
-        return any(not r.finished() for r in self.holders)
+        return len(self.holders) > 0  # a join leaves in JoinRegistry.ended, or when it is gone
 
 
 @dataclass(eq=False)
@@ -172,11 +258,16 @@ class Join:
 
 
 class JoinRegistry:
-    """Kept sources and live joins of one scheduler process."""
+    """Kept sources, keeps on their way and live joins of one scheduler process."""
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
-        self.kept: dict[str, KeptSource] = {}
+        self.kept: dict[tuple[str, str], KeptSource] = {}  # (owner, rid) -> source
+        # Keep requests admitted and not ended yet (id -> Req), each reserving prompt + max_new_tokens
+        # of the budget; weak, so a request SGLang forgot by a path no hook sees cannot hold it.
+        self.pending: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.max_tokens = count(MAX_TOKENS_ENV, scheduler.max_total_num_tokens // 2)
+        self.max_per_owner = count(MAX_PER_OWNER_ENV, DEFAULT_MAX_PER_OWNER)
         self.position_delta = None  # [req pool rows] on the device, lazily
         self.delta_rows: set[int] = set()
 
@@ -200,11 +291,49 @@ class JoinRegistry:
                     "have gone to another rank (run the join on a --dp-size 1 server, or scale with the gateway)")
         return None
 
-    def keep(self, req, ttl_s: float) -> None:
-        """Lock a finished request's radix-tree leaf (called right after SGLang checkpointed it)."""
+    def kept_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.kept.values())
+
+    def reserved_tokens(self) -> int:
+        return sum(len(r.origin_input_ids) + (r.sampling_params.max_new_tokens or 0) for r in self.pending.values())
+
+    def budget(self) -> dict:
+        """What `/server_info` shows of the kept-KV budget."""
+        return {"sources": len(self.kept), "owners": len({s.owner for s in self.kept.values()}),
+                "tokens": self.kept_tokens(), "reserved_tokens": self.reserved_tokens(),
+                "max_tokens": self.max_tokens, "max_sources_per_owner": self.max_per_owner,
+                "pending_keeps": len(self.pending)}
+
+    def admit_keep(self, req, keep: KeepSpec) -> str | None:
+        """Reserve the budget for a keep request that just arrived (its max_new_tokens capped), or say
+        why it cannot be kept (a 429 message). Decided from state every rank shares, so every rank
+        decides alike."""
+        # An owner the tokenizer did not fill in (not possible through the HTTP server) is a secret
+        # nobody knows: the source is unreachable and leaves at its TTL.
+        owner = keep.owner or secrets.token_urlsafe(18)
+        need = len(req.origin_input_ids) + (req.sampling_params.max_new_tokens or 0)
+        used = self.kept_tokens() + self.reserved_tokens()
+        if used + need > self.max_tokens:
+            return (f"{KEEP_PREFIX}: keeping this request could lock {need} KV tokens (prompt + max_new_tokens), and "
+                    f"{used} of the server's {self.max_tokens} for kept requests are kept or reserved "
+                    f"({MAX_TOKENS_ENV}); release sources you no longer need (POST /sgl_merge/release), lower "
+                    "max_new_tokens or a ttl_s, or retry later")
+        held = sum(s.owner == owner for s in self.kept.values()) + sum(
+            r._sgl_keep.owner == owner for r in self.pending.values())
+        if held >= self.max_per_owner:
+            return (f"{KEEP_PREFIX}.owner already holds {held} kept or pending sources, the most one owner may hold "
+                    f"({MAX_PER_OWNER_ENV}); release some (POST /sgl_merge/release) or retry later")
+        req._sgl_keep = KeepSpec(keep.ttl_s, owner)
+        self.pending[id(req)] = req
+        return None
+
+    def keep(self, req) -> None:
+        """Lock a finished keep request's radix-tree leaf (called right after SGLang checkpointed it)."""
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-        if isinstance(req.finished_reason, FINISH_ABORT) or self.refusal() is not None or req.last_node is None:
+        spec = getattr(req, "_sgl_keep", None)
+        if (spec is None or isinstance(req.finished_reason, FINISH_ABORT) or self.refusal() is not None
+                or req.last_node is None):
             return
         tree = self.scheduler.tree_cache
         n = len(tree.path_device_indices(req.last_node))
@@ -212,19 +341,41 @@ class JoinRegistry:
             logger.warning("sgl-merge: request %s is not kept: only %d of its tokens are in the radix cache",
                            req.rid, n)
             return
-        old = self.kept.pop(req.rid, None)
-        if old is not None:
-            self._unlock(old)
-        self.kept[req.rid] = KeptSource(
-            rid=req.rid, lock=tree.lock(req.last_node), node=req.last_node,
+        self.drop((spec.owner, req.rid))
+        source = KeptSource(
+            rid=req.rid, owner=spec.owner, lock=tree.lock(req.last_node), node=req.last_node,
             tokens=array("q", req.full_untruncated_fill_ids[:n]), namespace=(req.extra_key, req.cache_salt),
-            deadline=time.monotonic() + ttl_s)
+            deadline=time.monotonic() + spec.ttl_s)
+        self.kept[source.key] = source
+        from sgl_merge.runtime.sampling import KEEP_INFO_KEY, report
+
+        report(req, KEEP_INFO_KEY, {"owner": spec.owner, "ttl_s": spec.ttl_s, "kept_tokens": n})
+
+    def ended(self, req) -> None:
+        """The one place a request lets go of what it holds here, however it ended: called when a
+        finished request's KV is released and whenever SGLang ends a request outside its output
+        stream (aborted while queued, retracted and aborted, refused). A keep gives back its
+        reservation (it was kept just before, if it finished well); a join stops holding its
+        sources and, with `release_sources`, releases them. A request whose row is still held is
+        not over yet (SGLang releases the row next, which calls this again); calling twice is
+        harmless."""
+        if req.kv.holds_kv:
+            return
+        self.pending.pop(id(req), None)
+        join = getattr(req, "_sgl_join", None)
+        if join is None or join.released:
+            return
+        join.released = True
+        for source in join.sources:
+            source.holders.discard(req)
+            if join.release_sources and self.kept.get(source.key) is source:
+                self.release(source.key)
 
     def _unlock(self, source: KeptSource) -> None:
         self.scheduler.tree_cache.unlock(source.lock)
 
-    def drop(self, rid: str) -> None:
-        source = self.kept.pop(rid, None)
+    def drop(self, key: tuple[str, str]) -> None:
+        source = self.kept.pop(key, None)
         if source is not None:
             self._unlock(source)
 
@@ -237,18 +388,22 @@ class JoinRegistry:
         for source in self.kept.values():
             if not source.expiring and now > source.deadline and not source.held():
                 source.expiring = True
-                aborts.append(AbortReq(rid=RELEASE_RID + source.rid))
+                aborts.append(AbortReq(rid=release_rid(*source.key)))
         return aborts
 
-    def release(self, rid: str) -> None:
-        """Let go of a kept source (its expiry, or a client's release): at once, or when the last join
-        reading it finishes."""
-        source = self.kept.get(rid)
+    def release(self, key: tuple[str, str]) -> None:
+        """Let go of the source (owner, rid) (its expiry, or a client's release): at once, or when the
+        last join reading it ends. A keep of that rid and owner still on its way is not kept."""
+        for req in list(self.pending.values()):
+            if (req.rid, req._sgl_keep.owner) == (key[1], key[0]):
+                req._sgl_keep = None
+                self.pending.pop(id(req), None)
+        source = self.kept.get(key)
         if source is None:
             return
         source.deadline = 0.0
         if not source.held():
-            self.drop(rid)
+            self.drop(key)
 
     def forget_all(self) -> None:
         """After /flush_cache reset the tree: its locks went with it."""
@@ -264,11 +419,12 @@ class JoinRegistry:
         if refusal is not None:
             return f"{JOIN_PREFIX}: this server cannot join: {refusal}"
         sources = []
-        for i, rid in enumerate(spec.sources):
-            source = self.kept.get(rid)
+        for i, (rid, owner) in enumerate(zip(spec.sources, spec.owners)):
+            source = self.kept.get((owner, rid))
             if source is None or source.expiring:
-                return (f"{JOIN_PREFIX}.sources[{i}] = {rid!r} is not a kept request: unknown, not finished yet, sent "
-                        f"without {KEEP_KEY}, aborted, already released by an earlier join, or expired")
+                return (f"{JOIN_PREFIX}.sources[{i}] = {rid!r} is not a source this request may join: unknown, not "
+                        f"finished yet, sent without {KEEP_KEY}, kept under another owner, aborted, released or "
+                        f"expired; {OWNER_HINT}")
             if source.namespace != (req.extra_key, req.cache_salt):
                 return (f"{JOIN_PREFIX}.sources[{i}] = {rid!r} was cached under another extra_key / cache_salt / LoRA "
                         "adapter than this request")
@@ -317,17 +473,6 @@ class JoinRegistry:
         for source in join.sources:
             source.holders.add(req)
 
-    def finish(self, req) -> None:
-        """A join request released its row for good: drop its hold on the sources."""
-        join = req._sgl_join
-        if join.released:
-            return
-        join.released = True
-        for source in join.sources:
-            source.holders.discard(req)
-            if join.release_sources and self.kept.get(source.rid) is source:
-                self.release(source.rid)
-
     # ---------------------------------------------------------------- positions
 
     def set_row_delta(self, row: int, delta: int, device) -> None:
@@ -355,5 +500,5 @@ def _common_prefix_len(seqs) -> int:
     return n
 
 
-def bad_request(req, message: str) -> None:
-    req.set_finish_with_abort(message, status_code=HTTPStatus.BAD_REQUEST)
+def refuse(req, message: str, status: int = HTTPStatus.BAD_REQUEST) -> None:
+    req.set_finish_with_abort(message, status_code=status)

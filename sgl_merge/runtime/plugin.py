@@ -36,7 +36,8 @@ def _report_status(result, controller, *args, **kwargs):
     """AFTER hook on the scheduler's internal-state readback: add the plugin's status, the
     largest merge group this scheduler can run (the HTTP routes check `think_merge.k` against it),
     what serves merges (the Triton kernels, or the torch path and why),
-    the requests kept for a KV join and the radix-cache tokens locked now (what a leak would show)."""
+    the requests kept for a KV join with the kept-KV budget, and the radix-cache tokens locked now
+    (what a leak would show)."""
     from sgl_merge.kernels.merge_logits import backend_status
     from sgl_merge.runtime import hooks
 
@@ -44,7 +45,8 @@ def _report_status(result, controller, *args, **kwargs):
     result.internal_state["sgl_merge"] = {
         **status(), "max_group_size": scheduler.max_running_requests,
         "merge_kernels": backend_status(str(scheduler.device)),
-        "kept_sources": sorted(hooks._joins.kept) if hooks._joins is not None else [],
+        "kept_sources": sorted(rid for _, rid in hooks.joins(scheduler).kept),
+        "kept_budget": hooks.joins(scheduler).budget(),
         "locked_cache_tokens": scheduler.tree_cache.protected_size(),
     }
     return result

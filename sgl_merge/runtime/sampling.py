@@ -33,6 +33,7 @@ ATTR = "_sgl_merge_map"
 retracting = False
 AGREE_ATTR = "_sgl_merge_agree"
 INFO_KEY = "sgl_merge"
+KEEP_INFO_KEY = "sgl_merge_keep"  # a kept request's owner (runtime.join), reported the same way
 
 
 # Agreement counters: [slot, (agreed steps, merged steps)] int32 on the scheduler's device, one slot
@@ -232,8 +233,7 @@ def record_agreement(processor, batch, result, *args, **kwargs):
 def report_finished(req) -> None:
     """A member finished (its KV is being released): put its merge figures in its output, read from
     the counters of the step being processed, or (ended between steps, e.g. aborted) from the device
-    table itself. Token-aligned like SGLang's other customized info, the figures ride on the last
-    token, so streamed and whole responses both end with them."""
+    table itself."""
     spec = member_spec(req)
     slot = getattr(req, "_sgl_merge_slot", None)
     if spec is None or slot is None:
@@ -253,19 +253,27 @@ def report_finished(req) -> None:
             "merged_steps": steps, "agreement": agreed / steps}
     if spec.mode == "entropy":
         info["tau"] = spec.tau
+    report(req, INFO_KEY, info)
+
+
+def report(req, key: str, info: dict) -> None:
+    """Put `info` in a finishing request's output as `meta_info[key]`. Token-aligned like SGLang's
+    other customized info, it rides on the last token, so streamed and whole responses both end
+    with it."""
     if req.customized_info is None:
         req.customized_info = {}
-    req.customized_info[INFO_KEY] = [None] * max(len(req.output_ids) - 1, 0) + [info]
+    req.customized_info[key] = [None] * max(len(req.output_ids) - 1, 0) + [info]
 
 
 def meta_info(original, manager, meta_info, state, customized_info, index, finish_reason):
     """AROUND TokenizerManager.update_request_meta_info: members get `meta_info["sgl_merge"]` as
-    one object, the newest; requests outside merge groups get no key at all (their output stays
-    unchanged)."""
-    ours = customized_info.get(INFO_KEY) if customized_info else None
-    if ours is not None:
-        customized_info = {k: v for k, v in customized_info.items() if k != INFO_KEY}
-        newest = next((info for info in reversed(ours[index] or []) if info), None)
-        if newest is not None:
-            meta_info[INFO_KEY] = newest
+    one object, the newest, and kept requests `meta_info["sgl_merge_keep"]`; requests without
+    either get no key at all (their output stays unchanged)."""
+    for key in (INFO_KEY, KEEP_INFO_KEY):
+        ours = customized_info.get(key) if customized_info else None
+        if ours is not None:
+            customized_info = {k: v for k, v in customized_info.items() if k != key}
+            newest = next((info for info in reversed(ours[index] or []) if info), None)
+            if newest is not None:
+                meta_info[key] = newest
     return original(manager, meta_info, state, customized_info, index, finish_reason)

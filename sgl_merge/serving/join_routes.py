@@ -7,9 +7,11 @@ never sends to the server, so no server can find those forks' KV: the route answ
 goes on, and the join happens as text (the next generation prefills the joined text, a sequential
 computation). `sgl_merge.RuntimeEndpoint` makes the same programs join KV for real (README).
 
-`POST /sgl_merge/release {"rids": [...]}` lets go of kept sources (`sgl_merge_keep`) before their
-TTL: through the scheduler's abort path, so every tensor-parallel rank unlocks them together. A
-source a join is still reading is released when that join finishes.
+`POST /sgl_merge/release {"rids": [...], "owner": "<secret>" | [...]}` lets go of kept sources
+(`sgl_merge_keep`) before their TTL: through the scheduler's abort path, so every tensor-parallel
+rank unlocks them together. A source a join is still reading is released when that join ends; a
+keep still running is not kept. Only the owner a source was kept under reaches it, and the answer
+is the same whether or not it did (nothing tells whether a rid exists).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import logging
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from sgl_merge.runtime.join import RELEASE_RID
+from sgl_merge.runtime.join import parse_owners, release_rid
+from sgl_merge.runtime.spec import MergeSpecError
 
 logger = logging.getLogger("sgl_merge")
 
@@ -70,10 +73,18 @@ async def release(request: Request):
     body = await _json_object(request)
     rids = None if body is None else _rid_list(body, "rids")
     if rids is None:
-        return _bad_request('rids must be a non-empty list of kept request ids: {"rids": ["<rid>", ...]}')
+        return _bad_request('rids must be a non-empty list of kept request ids: {"rids": ["<rid>", ...], '
+                            '"owner": "<secret>"}')
+    if body.get("owner") is None:
+        return _bad_request("owner is required: the owner the sources were kept under (the sgl_merge_keep.owner you "
+                            "sent, or meta_info.sgl_merge_keep.owner of the keep's response), one for all or a list")
+    try:
+        owners = parse_owners(body["owner"], len(rids), "owner")
+    except MergeSpecError as e:
+        return _bad_request(str(e))
     manager = get_global_state().tokenizer_manager
-    for rid in rids:
-        manager._dispatch_to_scheduler(AbortReq(rid=RELEASE_RID + rid))
+    for owner, rid in zip(owners, rids):
+        manager._dispatch_to_scheduler(AbortReq(rid=release_rid(owner, rid)))
     return {"success": True, "released": rids}
 
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import secrets
 from dataclasses import dataclass
 
 from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
-from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS, RELEASE_RID
+from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS, release_rid
 from sgl_merge.serving.think_merge import ThinkMergeError, _integer, _last, _temperature
 
 FIELD = "parathink"
@@ -129,7 +130,7 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
     """The route's generation as a join over the finished paths: yields its outputs."""
     from sglang.srt.managers.io_struct import AbortReq, GenerateReqInput
 
-    sources = []
+    sources, sent, owner = [], [], secrets.token_urlsafe(18)
     try:
         for trace, launched in zip(traces, call.merged_paths):
             close = call.paths[launched][1] if call.paths else call.close_id
@@ -139,8 +140,10 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
             rid = f"{call.rid}-path-{len(sources)}"
             keep = GenerateReqInput(input_ids=list(trace["prompt_token_ids"]) + path, rid=rid,
                                     lora_path=obj.lora_path,
-                                    sampling_params={"max_new_tokens": 0, "custom_params": {KEEP_KEY: True}})
+                                    sampling_params={"max_new_tokens": 0,
+                                                     "custom_params": {KEEP_KEY: {"owner": owner}}})
             rids.append(rid)
+            sent.append(rid)  # from here on released however this ends: it may be kept while we wait
             out = await _last(original(manager, keep, raw_request))
             if out is None or (out["meta_info"].get("finish_reason") or {}).get("type") == "abort":
                 raise ValueError(f"{FIELD}: keeping path {len(sources)} for the summary failed: "
@@ -155,13 +158,15 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
             params["logit_bias"] = {**(params.get("logit_bias") or {}),
                                     **summary_logit_bias(_control_ids(manager.tokenizer))}
         params["custom_params"] = {**(params.get("custom_params") or {}), JOIN_KEY: {
-            "sources": sources, "prompt_len": len(traces[0]["prompt_token_ids"]) - call.opener_tokens,
+            "sources": sources, "owner": owner,
+            "prompt_len": len(traces[0]["prompt_token_ids"]) - call.opener_tokens,
             "positions": call.config.positions}}
         summary.sampling_params = params
         async for out in original(manager, summary, raw_request):
             yield out
     finally:
-        # Let go of the paths however this ended (a source the summary still reads is released
-        # when it finishes; releasing a released one does nothing).
-        for rid in sources:
-            manager._dispatch_to_scheduler(AbortReq(rid=RELEASE_RID + rid))
+        # Let go of the paths however this ended, also one whose keep is still running (it is then
+        # not kept); a source the summary still reads is released when it ends; releasing a
+        # released one does nothing. The release follows the keep on the same queue to the scheduler.
+        for rid in sent:
+            manager._dispatch_to_scheduler(AbortReq(rid=release_rid(owner, rid)))
