@@ -120,9 +120,17 @@ def validate_args(argv: list[str]) -> tuple[str, int]:
     return args.host, args.port
 
 
-def plugin_status(url: str, timeout: float = 5.0) -> dict | None:
-    """The sgl-merge status the scheduler reports through /server_info, or None if absent."""
-    info = requests.get(f"{url}/server_info", timeout=timeout).json()
+def plugin_status(url: str, timeout: float = 5.0, api_key: str | None = None) -> dict | None:
+    """The sgl-merge status the scheduler reports through /server_info, or None if absent. `api_key`:
+    the server's --api-key; where the server refuses the request (HTTP 401/403), the status says so
+    (active False, and an error naming the API key) rather than the plugin being absent."""
+    headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+    r = requests.get(f"{url}/server_info", headers=headers, timeout=timeout)
+    if r.status_code in (401, 403):
+        refused = "refused the API key" if api_key is not None else "requires an API key"
+        return {"active": False, "error": f"the server at {url} {refused} (HTTP {r.status_code}) for /server_info: "
+                                          "its status can be read only with the server's --api-key"}
+    info = r.json()
     for state in info.get("internal_states") or []:
         if isinstance(state, dict) and "sgl_merge" in state:
             return state["sgl_merge"]

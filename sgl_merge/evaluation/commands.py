@@ -59,6 +59,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def _add_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--url", help="an existing server started with sgl-merge serve (else one is started)")
+    p.add_argument("--api-key", help="the --api-key the --url server was started with, sent with every request")
     p.add_argument("--model-path", help="start a server with this model instead (with --device cpu on CPU)")
     p.add_argument("--k", type=_ks, default=(2, 4, 8), help="values of k, comma-separated (default 2,4,8)")
     p.add_argument("--concurrency", type=int, default=32, help="problems in flight at once (default 32)")
@@ -80,9 +81,10 @@ def _check_config(out: Path, cfg: EvalConfig, dataset: str) -> None:
     path.write_text(json.dumps(settings, indent=2))
 
 
-def _evaluate(url: str, problems: list[dict], cfg: EvalConfig, out: Path, title: str) -> dict:
+def _evaluate(url: str, problems: list[dict], cfg: EvalConfig, out: Path, title: str,
+              api_key: str | None = None) -> dict:
     start = time.monotonic()
-    records = runner.run(url, problems, cfg, out / "results.jsonl")
+    records = runner.run(url, problems, cfg, out / "results.jsonl", api_key=api_key)
     summary = report.summarize(records, list(cfg.ks))
     summary["seconds"] = round(time.monotonic() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -146,7 +148,8 @@ def demo(argv: list[str]) -> int:
                 dataset, default_limit, cfg = setups[name]
                 problems = runner.load_problems(dataset, cfg.task, limit=args.problems or default_limit)
                 print(f"\n== task {name}: {len(problems)} problems ({dataset.name}) ==")
-                _evaluate(url, problems, cfg, args.out / name, f"sgl-merge demo: tiny reasoner, {name}")
+                _evaluate(url, problems, cfg, args.out / name, f"sgl-merge demo: tiny reasoner, {name}",
+                          api_key=args.api_key if args.url else None)
     except (EvalError, RuntimeError, requests.RequestException) as e:
         print(f"sgl-merge demo: {e}", file=sys.stderr)
         return 1
@@ -195,7 +198,8 @@ def evaluate(argv: list[str]) -> int:
         problems = runner.load_problems(args.dataset, args.task, limit=args.limit)
         _check_config(args.out, cfg, str(Path(args.dataset).resolve()))
         with running(args.url, args.model_path) as url:
-            _evaluate(url, problems, cfg, args.out, f"sgl-merge eval: {Path(args.dataset).name}")
+            _evaluate(url, problems, cfg, args.out, f"sgl-merge eval: {Path(args.dataset).name}",
+                      api_key=args.api_key if args.url else None)
     except (EvalError, RuntimeError, OSError, requests.RequestException) as e:
         print(f"sgl-merge eval: {e}", file=sys.stderr)
         return 1

@@ -41,7 +41,7 @@ import requests
 
 from sgl_merge import confidence
 from sgl_merge.evaluation.scoring import correct, vote_key
-from sgl_merge.frontend.merge import majority
+from sgl_merge.frontend.merge import api_key_message, majority
 from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
 
 METHODS = ("single", "vote", "merge", "parathink")
@@ -89,10 +89,13 @@ class EvalConfig:
 
 
 class Server:
-    """The few server calls an evaluation makes, with the model's thinking delimiters."""
+    """The few server calls an evaluation makes, with the model's thinking delimiters. `api_key`: the
+    server's --api-key, sent with every request (`Authorization: Bearer <key>`)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, api_key: str | None = None):
         self.url = url.rstrip("/")
+        self.headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+        self.api_key = api_key
         self.open_ids = self.tokenize("<think>")
         close = self.tokenize("</think>")
         if len(self.open_ids) != 1 or len(close) != 1:
@@ -120,10 +123,12 @@ class Server:
 
     def post(self, path: str, body: dict):
         try:
-            r = requests.post(f"{self.url}{path}", json=body, timeout=None)
+            r = requests.post(f"{self.url}{path}", json=body, headers=self.headers, timeout=None)
         except requests.ConnectionError as e:
             raise EvalError(f"cannot reach the server at {self.url} ({type(e).__name__}); is it running? "
                             "Start one with sgl-merge serve, or pass --model-path") from e
+        if r.status_code in (401, 403):
+            raise EvalError(api_key_message(self.url, r.status_code, self.api_key, how="sgl-merge eval --api-key KEY"))
         if r.status_code != 200:
             raise EvalError(f"{path} failed with HTTP {r.status_code}: {r.text[:300]}")
         return r.json()
@@ -279,12 +284,13 @@ def done_keys(results: Path) -> set[tuple[int, int]]:
     return keys
 
 
-def run(url: str, problems: list[dict], cfg: EvalConfig, results: Path, progress: bool = True) -> list[dict]:
+def run(url: str, problems: list[dict], cfg: EvalConfig, results: Path, progress: bool = True,
+        api_key: str | None = None) -> list[dict]:
     """Evaluate every (problem, sample) not yet in `results`, appending each as it finishes; return
-    all records in the file."""
+    all records in the file. `api_key`: the server's --api-key, where it has one."""
     from tqdm import tqdm
 
-    server = Server(url)
+    server = Server(url, api_key)
     results.parent.mkdir(parents=True, exist_ok=True)
     done = done_keys(results)
     todo = [(i, s) for i in range(len(problems)) for s in range(cfg.samples) if (i, s) not in done]

@@ -4,6 +4,7 @@ thinking with a summary over the paths' KV (`parathink`), and a RuntimeEndpoint 
 
 from sgl_merge.frontend.endpoint import RuntimeEndpoint
 from sgl_merge.frontend.merge import (
+    APIKeyError,
     MergeError,
     ensure_merge_server,
     merge_gen,
@@ -13,5 +14,5 @@ from sgl_merge.frontend.merge import (
 )
 from sgl_merge.frontend.parathink import parathink
 
-__all__ = ["MergeError", "RuntimeEndpoint", "ensure_merge_server", "merge_gen", "merge_gen_stream", "parathink",
-           "think_merge", "vote"]
+__all__ = ["APIKeyError", "MergeError", "RuntimeEndpoint", "ensure_merge_server", "merge_gen", "merge_gen_stream",
+           "parathink", "think_merge", "vote"]

@@ -21,10 +21,9 @@ import uuid
 import weakref
 from dataclasses import dataclass
 
-import requests
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint as _SGLangRuntimeEndpoint
 
-from sgl_merge.frontend.merge import MergeError, ensure_merge_server
+from sgl_merge.frontend.merge import MergeError, _ensure, _Server
 from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS
 
 DEFAULT_KEEP_TTL_S = 600.0
@@ -45,22 +44,25 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
     `positions`: where the joined state's new tokens continue, "after_longest" (after the shared
     prefix and the longest fork) or "sequential" (after the whole concatenation); see README.
     `keep_ttl_s`: how long the server keeps a join's sources if the program never ends.
+    `api_key`, `verify`, `chat_template_name`: SGLang's; the key goes with every request, and a server
+    that refuses it (or wants one) raises APIKeyError here.
     """
 
-    def __init__(self, base_url: str, *args, positions: str = "after_longest",
-                 keep_ttl_s: float = DEFAULT_KEEP_TTL_S, **kwargs):
+    def __init__(self, base_url: str, api_key: str | None = None, verify: str | None = None,
+                 chat_template_name: str | None = None, *, positions: str = "after_longest",
+                 keep_ttl_s: float = DEFAULT_KEEP_TTL_S):
         if positions not in POSITIONS:
             raise MergeError(f"RuntimeEndpoint(positions={positions!r}): must be one of {list(POSITIONS)}")
-        super().__init__(base_url, *args, **kwargs)
+        # Checked before SGLang's constructor, whose first request would report a refused key only as
+        # {'error': 'Unauthorized'}.
+        self._server = _Server(base_url.rstrip("/"), api_key, verify)
+        _ensure(self._server)
+        super().__init__(base_url, api_key, verify, chat_template_name)
         self.base_url = self.base_url.rstrip("/")
-        ensure_merge_server(self.base_url)
         self.positions = positions
         self.keep_ttl_s = keep_ttl_s
         self._states = weakref.WeakValueDictionary()  # state id -> the StreamExecutor that sent a request
         self._joined: dict[str, _Joined] = {}
-
-    def _headers(self) -> dict:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def _add_images(self, s, data):
         """Called by every request SGLang's RuntimeEndpoint sends for a state: remember the state, and
@@ -128,7 +130,7 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
             self._release(joined.sources)
 
     def _generate(self, body: dict, what: str) -> dict:
-        r = requests.post(f"{self.base_url}/generate", json=body, headers=self._headers(), timeout=None)
+        r = self._server.post("/generate", body, timeout=None)
         if r.status_code != 200:
             raise MergeError(f"concate_and_append: keeping {what} for the KV join failed: HTTP {r.status_code}: "
                              f"{r.text[:300]}")
@@ -136,5 +138,4 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
 
     def _release(self, rids: list[str]) -> None:
         if rids:
-            requests.post(f"{self.base_url}/sgl_merge/release", json={"rids": rids}, headers=self._headers(),
-                          timeout=30)
+            self._server.post("/sgl_merge/release", {"rids": rids}, timeout=30, check=False)

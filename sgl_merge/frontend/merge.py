@@ -11,6 +11,10 @@ sampling_params, and writes the one merged answer into every fork. Forks made by
 carry the exact ids the server generated (so the radix cache serves each whole branch); other
 contexts are tokenized by the server first.
 
+Every request carries the backend's API key (`RuntimeEndpoint(url, api_key=...)`, sent as SGLang's
+RuntimeEndpoint sends it: `Authorization: Bearer <key>`); a server that refuses it (HTTP 401/403)
+raises APIKeyError, which says so.
+
 Everything here also works through SGLang's model gateway (smg): a group is one request (which
 the gateway sends to one worker), every request carries a routing key (`X-SMG-Routing-Key`: one
 per `think_merge` call, so its traces and its merge share one worker's cache), the server check
@@ -35,7 +39,7 @@ DEFAULT_OPEN = "<think>"
 DEFAULT_CLOSE = "</think>"
 _SAMPLING_ARGS = ("max_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
                   "frequency_penalty", "presence_penalty", "ignore_eos", "regex", "json_schema")
-_checked_urls: set[str] = set()
+_checked_urls: set[tuple[str, str | None]] = set()  # (URL, API key) pairs checked
 _without_tokenize: set[str] = set()  # URLs that do not serve /tokenize (the gateway)
 
 
@@ -46,7 +50,57 @@ class MergeError(RuntimeError):
 # ------------------------------------------------------------------ server access
 
 
-def _backend_url(states) -> str:
+class APIKeyError(MergeError):
+    """The server refused a request for its API key (HTTP 401 or 403): none given, or the wrong one."""
+
+
+ROUTING_HEADER = "X-SMG-Routing-Key"  # SGLang's gateway (smg) routes requests with one key to one worker
+
+
+def api_key_message(url: str, status: int, api_key: str | None,
+                    how: str = "RuntimeEndpoint(url, api_key=...)") -> str:
+    """What a 401/403 from the server at `url` means, for a request sent with `api_key` (None: without
+    one); `how` says where the key is given. The key itself is never shown."""
+    if api_key is None:
+        return (f"the server at {url} requires an API key (HTTP {status}): it was started with --api-key; "
+                f"pass that key as {how}")
+    return f"the server at {url} refused the API key (HTTP {status}): pass the server's --api-key as {how}"
+
+
+@dataclass(frozen=True)
+class _Server:
+    """Where a program's requests go: its backend's URL, API key and TLS verification (`verify`: a CA
+    bundle path, as SGLang's RuntimeEndpoint takes it), sent with every request as SGLang's
+    RuntimeEndpoint sends them (`Authorization: Bearer <key>`)."""
+
+    url: str
+    api_key: str | None = None
+    verify: str | bool | None = None
+
+    def headers(self, route: str | None = None) -> dict:
+        headers = {} if self.api_key is None else {"Authorization": f"Bearer {self.api_key}"}
+        if route:
+            headers[ROUTING_HEADER] = route
+        return headers
+
+    def request(self, method: str, path: str, body: dict | None = None, *, route: str | None = None,
+                stream: bool = False, timeout: float | None = None, check: bool = True) -> requests.Response:
+        """One request; a 401/403 raises APIKeyError (unless `check` is False: best-effort calls)."""
+        r = requests.request(method, f"{self.url}{path}", json=body, headers=self.headers(route), stream=stream,
+                             timeout=timeout, verify=self.verify)
+        if check and r.status_code in (401, 403):
+            r.close()
+            raise APIKeyError(api_key_message(self.url, r.status_code, self.api_key))
+        return r
+
+    def post(self, path: str, body: dict, **kwargs) -> requests.Response:
+        return self.request("POST", path, body, **kwargs)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+
+def _backend(states) -> _Server:
     backends = {id(st.stream_executor.backend): st.stream_executor.backend for st in states}
     if len(backends) != 1:
         raise MergeError("merge_gen: all forks must come from one program on one backend")
@@ -54,68 +108,70 @@ def _backend_url(states) -> str:
     url = getattr(backend, "base_url", None)
     if url is None:
         raise MergeError(f"merge_gen needs an SGLang RuntimeEndpoint backend, got {type(backend).__name__}")
-    return url.rstrip("/")
+    return _Server(url.rstrip("/"), getattr(backend, "api_key", None), getattr(backend, "verify", None))
 
 
-ROUTING_HEADER = "X-SMG-Routing-Key"  # SGLang's gateway (smg) routes requests with one key to one worker
+def ensure_merge_server(url: str, api_key: str | None = None, verify: str | None = None) -> None:
+    """Check once per URL and key that the server runs sgl-merge, so a plain server fails clearly
+    (and a server that wants another API key says so: APIKeyError)."""
+    _ensure(_Server(url.rstrip("/"), api_key, verify))
 
 
-def ensure_merge_server(url: str) -> None:
-    """Check once per URL that the server runs sgl-merge, so a plain server fails clearly."""
-    if url in _checked_urls:
+def _ensure(server: _Server) -> None:
+    if (server.url, server.api_key) in _checked_urls:
         return
     try:
-        r = requests.get(f"{url}/server_info", timeout=30)
+        r = server.get("/server_info", timeout=30)
         if r.status_code == 404:  # SGLang's gateway serves only the older name
-            r = requests.get(f"{url}/get_server_info", timeout=30)
+            r = server.get("/get_server_info", timeout=30)
         states = r.json().get("internal_states") or []
     except (requests.RequestException, ValueError, AttributeError) as e:
-        raise MergeError(f"server at {url} did not answer /server_info: {e}") from e
+        raise MergeError(f"server at {server.url} did not answer /server_info: {e}") from e
     if not any(isinstance(st, dict) and (st.get("sgl_merge") or {}).get("active") for st in states):
-        raise MergeError(f"server at {url} does not have sgl-merge active; start it with sgl-merge serve")
-    _checked_urls.add(url)
+        raise MergeError(f"server at {server.url} does not have sgl-merge active; start it with sgl-merge serve")
+    _checked_urls.add((server.url, server.api_key))
 
 
-def _post(url: str, body: dict, key: str) -> list | dict:
-    r = requests.post(f"{url}/generate", json=body, headers={ROUTING_HEADER: key}, timeout=None)
+def _post(server: _Server, body: dict, key: str) -> list | dict:
+    r = server.post("/generate", body, route=key, timeout=None)
     if r.status_code != 200:
         raise MergeError(f"/generate failed with HTTP {r.status_code}: {r.text[:500]}")
     return r.json()
 
 
-def _tokenize(url: str, text: str, key: str, add_special_tokens: bool = False) -> list[int]:
+def _tokenize(server: _Server, text: str, key: str, add_special_tokens: bool = False) -> list[int]:
     """The server's token ids for `text`: /tokenize, or where that is not served (the gateway) the
     prompt ids of a zero-token /generate, which also warms the routed worker's cache."""
-    if url not in _without_tokenize:
-        r = requests.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": add_special_tokens},
-                          headers={ROUTING_HEADER: key}, timeout=60)
+    if server.url not in _without_tokenize:
+        r = server.post("/tokenize", {"prompt": text, "add_special_tokens": add_special_tokens}, route=key,
+                        timeout=60)
         if r.status_code != 404:
             r.raise_for_status()
             return r.json()["tokens"]
-        _without_tokenize.add(url)  # asked once per URL
-    ids = _prompt_ids(url, text, key)
+        _without_tokenize.add(server.url)  # asked once per URL
+    ids = _prompt_ids(server, text, key)
     if not add_special_tokens:
-        ids = ids[len(_special_prefix(url, key)):]
+        ids = ids[len(_special_prefix(server, key)):]
     return ids
 
 
-def _prompt_ids(url: str, text: str, key: str) -> list[int]:
-    out = _post(url, {"text": text, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-                      "logprob_start_len": 0}, key)
+def _prompt_ids(server: _Server, text: str, key: str) -> list[int]:
+    out = _post(server, {"text": text, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+                         "logprob_start_len": 0}, key)
     return [t[1] for t in out["meta_info"]["input_token_logprobs"]]
 
 
 _special_prefixes: dict[str, list[int]] = {}
 
 
-def _special_prefix(url: str, key: str) -> list[int]:
+def _special_prefix(server: _Server, key: str) -> list[int]:
     """The tokens the server's tokenizer puts before any prompt (a BOS; often none): what two
     unrelated prompts' ids start with."""
-    if url not in _special_prefixes:
-        a, b = _prompt_ids(url, "a", key), _prompt_ids(url, "b", key)
+    if server.url not in _special_prefixes:
+        a, b = _prompt_ids(server, "a", key), _prompt_ids(server, "b", key)
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        _special_prefixes[url] = a[:n]
-    return _special_prefixes[url]
+        _special_prefixes[server.url] = a[:n]
+    return _special_prefixes[server.url]
 
 
 # ------------------------------------------------------------------ contexts of forks
@@ -129,14 +185,14 @@ class _Known:
     ids: list[int] = field(default_factory=list)
 
 
-def _context(url: str, executor, key: str) -> list[int]:
+def _context(server: _Server, executor, key: str) -> list[int]:
     """A fork's current context as token ids: the known ids and the rest tokenized, or the whole
     text tokenized as the server would tokenize the prompt."""
     known: _Known | None = getattr(executor, "_sgl_merge_known", None)
     if known is not None and executor.text_.startswith(known.text):
         rest = executor.text_[len(known.text):]
-        return known.ids + (_tokenize(url, rest, key) if rest else [])
-    return _tokenize(url, executor.text_, key, add_special_tokens=True)
+        return known.ids + (_tokenize(server, rest, key) if rest else [])
+    return _tokenize(server, executor.text_, key, add_special_tokens=True)
 
 
 def _append(executor, name: str, text: str, meta: dict, ids: list[int] | None = None) -> None:
@@ -170,7 +226,7 @@ def _sampling(kwargs: dict) -> dict:
 class _Merge:
     """One prepared merge request over synced forks."""
 
-    url: str
+    server: _Server
     executors: list
     contexts: list  # token ids, one list per fork
     body: dict
@@ -195,8 +251,8 @@ def _prepare(forks, mode, weights, tau, return_logprob, sampling) -> _Merge:
         raise MergeError("merge_gen needs at least one fork (got an empty fork group)")
     if weights is not None and len(weights) != len(states):
         raise MergeError(f"merge_gen: {len(weights)} weights for {len(states)} forks")
-    url = _backend_url(states)
-    ensure_merge_server(url)
+    server = _backend(states)
+    _ensure(server)
     executors = [st.stream_executor for st in states]
     if len({id(ex.arguments) for ex in executors}) != 1:  # forks share their program's arguments
         raise MergeError("merge_gen: the forks come from different program runs; merge forks of one s.fork()")
@@ -210,11 +266,11 @@ def _prepare(forks, mode, weights, tau, return_logprob, sampling) -> _Merge:
     if tau is not None:
         entry["tau"] = tau
     key = _routing_key(executors)
-    contexts = [_context(url, ex, key) for ex in executors]
+    contexts = [_context(server, ex, key) for ex in executors]
     # One request, one shared sampling_params: the shape SGLang's gateway sends whole to one worker.
     body = {"input_ids": contexts, "sampling_params": {**_sampling(sampling), "custom_params": {"sgl_merge": entry}},
             "return_logprob": return_logprob}
-    return _Merge(url, executors, contexts, body, key)
+    return _Merge(server, executors, contexts, body, key)
 
 
 def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
@@ -223,7 +279,7 @@ def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | 
     `forks[i][name]` (with its meta_info), and returned. Sampling arguments are those of `sgl.gen`;
     `mode` and `tau` (mode "entropy") are the server's merge modes, `weights` one per fork."""
     merge = _prepare(forks, mode, weights, tau, return_logprob, sampling)
-    return merge.finish(name, _post(merge.url, merge.body, merge.key))
+    return merge.finish(name, _post(merge.server, merge.body, merge.key))
 
 
 def merge_gen_stream(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
@@ -233,8 +289,8 @@ def merge_gen_stream(forks, name: str, *, mode: str = "logits", weights: list[fl
     merge = _prepare(forks, mode, weights, tau, return_logprob, sampling)
     last: dict[int, dict] = {}
     shown = ""
-    with requests.post(f"{merge.url}/generate", json={**merge.body, "stream": True}, stream=True,
-                       headers={ROUTING_HEADER: merge.key}, timeout=None) as r:
+    with merge.server.post("/generate", {**merge.body, "stream": True}, stream=True, route=merge.key,
+                           timeout=None) as r:
         if r.status_code != 200:
             raise MergeError(f"/generate failed with HTTP {r.status_code}: {r.text[:500]}")
         for line in r.iter_lines(decode_unicode=True):
@@ -259,6 +315,7 @@ def merge_gen_stream(forks, name: str, *, mode: str = "logits", weights: list[fl
 class _Trace:
     rid: str
     result: dict | None = None
+    error: Exception | None = None
 
 
 def trace_counts(caller: str, name: str, k: int | None, first: int | None, n: int | None) -> tuple[int, int]:
@@ -298,15 +355,15 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
         raise MergeError(f"think_merge: keep must be between 1 and k={k}, got {keep!r}")
     ex = s.stream_executor
     ex.sync()
-    url = _backend_url([s])
-    ensure_merge_server(url)
+    server = _backend([s])
+    _ensure(server)
     if not ex.text_.rstrip().endswith(think_open):
         s += think_open + "\n"
         ex.sync()
     key = uuid.uuid4().hex  # one routing key for the call: its traces and merge share a worker's cache
-    prompt_ids = _context(url, ex, key)
-    close_ids = _tokenize(url, think_close, key)
-    traces, outcome, launched = _think(url, key, [prompt_ids] * n, k, thinking_budget, thinking_temperature,
+    prompt_ids = _context(server, ex, key)
+    close_ids = _tokenize(server, think_close, key)
+    traces, outcome, launched = _think(server, key, [prompt_ids] * n, k, thinking_budget, thinking_temperature,
                                        [(think_close, close_ids)] * n)
     generated = [list(t["output_ids"]) for t in traces]  # what confidence scores: not a closing </think>
     for trace in traces:
@@ -315,7 +372,7 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
             trace["output_ids"], trace["text"] = ids + close_ids, trace["text"] + think_close  # out of budget
     weights = None
     if weighting == "confidence" or keep is not None:
-        scores = _confidences(url, key, prompt_ids, generated, confidence_window)
+        scores = _confidences(server, key, prompt_ids, generated, confidence_window)
         kept = confidence.most_confident(scores, keep) if keep else list(range(len(traces)))
         dropped = [launched[j] for j in range(len(traces)) if j not in kept]
         for i in dropped:
@@ -346,9 +403,10 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
     return answer
 
 
-def _confidences(url: str, key: str, prompt_ids: list[int], ids: list[list[int]], window: int | None) -> list[float]:
+def _confidences(server: _Server, key: str, prompt_ids: list[int], ids: list[list[int]],
+                 window: int | None) -> list[float]:
     """Each trace's confidence, from the top logprobs of one scoring request (`sgl_merge.confidence`)."""
-    return confidence.scored_confidences(_post(url, confidence.scoring_request(prompt_ids, ids), key), ids, window)
+    return confidence.scored_confidences(_post(server, confidence.scoring_request(prompt_ids, ids), key), ids, window)
 
 
 def _think_params(budget, temperature, think_close, close_ids) -> dict:
@@ -360,7 +418,7 @@ def _think_params(budget, temperature, think_close, close_ids) -> dict:
     return params
 
 
-def _think(url, key, prompts, k, budget, temperature, closes, extra=None) -> tuple[list[dict], list[str], list[int]]:
+def _think(server, key, prompts, k, budget, temperature, closes, extra=None) -> tuple[list[dict], list[str], list[int]]:
     """Run one thinking trace per prompt concurrently (`prompts[i]` ids, stopping at `closes[i]`, a
     (text, ids) pair, with `extra[i]` sampling parameters where given); return the first k to finish (ending the rest), each launched trace's
     outcome, and the launch index of each returned. Traces stream, so one that is no longer needed
@@ -378,9 +436,9 @@ def _think(url, key, prompts, k, budget, temperature, closes, extra=None) -> tup
                 "sampling_params": {**_think_params(budget, temperature, *closes[i]), **(extra[i] if extra else {})},
                 "rid": trace.rid, "stream": True}
         try:
-            trace.result = _stream_until(url, body, key, enough)
+            trace.result = _stream_until(server, body, key, enough)
         except (MergeError, requests.RequestException) as e:
-            trace.result = {"error": str(e)}
+            trace.result, trace.error = {"error": str(e)}, e
         with cond:
             done.append(trace)
             cond.notify_all()
@@ -394,10 +452,13 @@ def _think(url, key, prompts, k, budget, temperature, closes, extra=None) -> tup
     enough.set()
     for t in traces:
         if t not in chosen and t not in done:
-            requests.post(f"{url}/abort_request", json={"rid": t.rid}, headers={ROUTING_HEADER: key}, timeout=30)
+            server.post("/abort_request", {"rid": t.rid}, route=key, timeout=30, check=False)
     for t in threads:
         t.join()
     if len(chosen) < k:
+        refused = next((t.error for t in done if isinstance(t.error, APIKeyError)), None)
+        if refused is not None:
+            raise APIKeyError(str(refused)) from refused
         errors = [t.result.get("error") for t in done if t.result and "error" in t.result]
         raise MergeError(f"think_merge: only {len(chosen)} of {k} thinking traces finished: {errors[:1]}")
     outcome = ["merged" if t in chosen else "finished, unused" if _finished_thinking(t) else "aborted"
@@ -405,10 +466,10 @@ def _think(url, key, prompts, k, budget, temperature, closes, extra=None) -> tup
     return [t.result for t in chosen], outcome, [traces.index(t) for t in chosen]
 
 
-def _stream_until(url: str, body: dict, key: str, stop: threading.Event) -> dict:
+def _stream_until(server: _Server, body: dict, key: str, stop: threading.Event) -> dict:
     """POST a streaming /generate and return its last chunk (the whole result); once `stop` is set
     the stream is closed and the result is marked aborted."""
-    with requests.post(f"{url}/generate", json=body, headers={ROUTING_HEADER: key}, stream=True, timeout=None) as r:
+    with server.post("/generate", body, route=key, stream=True, timeout=None) as r:
         if r.status_code != 200:
             raise MergeError(f"/generate failed with HTTP {r.status_code}: {r.text[:500]}")
         last = None

@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import uuid
 
-import requests
-
 from sgl_merge.frontend.merge import (
     DEFAULT_CLOSE,
     DEFAULT_OPEN,
-    ROUTING_HEADER,
     MergeError,
     _append,
-    _backend_url,
+    _backend,
     _context,
+    _ensure,
     _post,
     _sampling,
+    _Server,
     _think,
     _tokenize,
-    ensure_merge_server,
     trace_counts,
 )
 from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
@@ -40,15 +38,15 @@ from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS
 _controls: dict[str, dict[str, int]] = {}  # URL -> its model's ParaThinker control tokens, asked once
 
 
-def _control_ids(url: str, key: str) -> dict[str, int]:
+def _control_ids(server: _Server, key: str) -> dict[str, int]:
     """The server's ParaThinker control tokens (text -> id), so that no path samples another's."""
-    if url not in _controls:
+    if server.url not in _controls:
         def single(text):
-            ids = _tokenize(url, text, key)
+            ids = _tokenize(server, text, key)
             return ids[0] if len(ids) == 1 else None
 
-        _controls[url] = find_control_ids(single)
-    return _controls[url]
+        _controls[server.url] = find_control_ids(single)
+    return _controls[server.url]
 
 
 def parathink(s, paths: int | None = None, *, first: int | None = None, n: int | None = None,
@@ -84,30 +82,30 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     sampling = _sampling(summary_sampling)
     ex = s.stream_executor
     ex.sync()
-    url = _backend_url([s])
-    ensure_merge_server(url)
+    server = _backend([s])
+    _ensure(server)
     key = uuid.uuid4().hex  # one routing key: the paths and the summary share a worker's cache
     if think_open is None or summary_prefix is None:
-        layout = all(len(_tokenize(url, t, key)) == 1 for t in ("<think1>", "<summary>"))
+        layout = all(len(_tokenize(server, t, key)) == 1 for t in ("<think1>", "<summary>"))
         if think_open is None:
             think_open, think_close = ("<think{i}>", "</think{i}>") if layout else (DEFAULT_OPEN, DEFAULT_CLOSE)
         if summary_prefix is None:
             summary_prefix = "<summary>" if layout and "{i}" in think_open else "\n"
-    prompt_ids = _context(url, ex, key)
+    prompt_ids = _context(server, ex, key)
     numbered = "{i}" in think_open
     extra = None
     if numbered:  # ParaThinker's <think1> .. </think1>, <think2> ...: path i's own control tokens
         opens = [think_open.format(i=i + 1) for i in range(n)]
         closes = [think_close.format(i=i + 1) for i in range(n)]
-        controls = _control_ids(url, key)
+        controls = _control_ids(server, key)
         extra = [{"logit_bias": path_logit_bias(controls, i + 1)} for i in range(n)]
         sampling["logit_bias"] = {**(sampling.get("logit_bias") or {}), **summary_logit_bias(controls)}
     else:
         opened = ex.text_.rstrip().endswith(think_open)
         opens, closes = ["" if opened else think_open + "\n"] * n, [think_close] * n
-    open_ids = [_tokenize(url, o, key) if o else [] for o in opens]
-    close_ids = [_tokenize(url, c, key) for c in closes]
-    traces, outcome, launched = _think(url, key, [prompt_ids + o for o in open_ids], k, thinking_budget,
+    open_ids = [_tokenize(server, o, key) if o else [] for o in opens]
+    close_ids = [_tokenize(server, c, key) for c in closes]
+    traces, outcome, launched = _think(server, key, [prompt_ids + o for o in open_ids], k, thinking_budget,
                                        thinking_temperature, list(zip(closes, close_ids)), extra)
     path_ids, texts = [], []
     for trace, i in zip(traces, launched):
@@ -126,17 +124,16 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     try:
         for ids in path_ids:
             rid = f"parathink-{uuid.uuid4().hex}"
-            _post(url, {"input_ids": prompt_ids + ids, "rid": rid,
+            _post(server, {"input_ids": prompt_ids + ids, "rid": rid,
                         "sampling_params": {"max_new_tokens": 0, "custom_params": {KEEP_KEY: True}}}, key)
             sources.append(rid)
-        continuation = _tokenize(url, summary_prefix, key)
+        continuation = _tokenize(server, summary_prefix, key)
         join = {"sources": sources, "prompt_len": len(prompt_ids), "positions": positions, "release_sources": True}
         sampling["custom_params"] = {**(sampling.get("custom_params") or {}), JOIN_KEY: join}
-        out = _post(url, {"input_ids": continuation, "sampling_params": sampling}, key)
+        out = _post(server, {"input_ids": continuation, "sampling_params": sampling}, key)
     except MergeError:
         if sources:  # the join never ran: let go of what was kept for it
-            requests.post(f"{url}/sgl_merge/release", json={"rids": sources}, headers={ROUTING_HEADER: key},
-                          timeout=30)
+            server.post("/sgl_merge/release", {"rids": sources}, route=key, timeout=30, check=False)
         raise
     ex.meta_info[f"{name}_traces"] = outcome
     ex.meta_info[f"{name}_join"] = {"prompt_len": len(prompt_ids), "paths": path_ids, "continuation": continuation,
