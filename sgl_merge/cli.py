@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 
 from sgl_merge import __version__
 
@@ -19,8 +20,10 @@ SERVE_HELP = """\
 usage: sgl-merge serve [SGLang server arguments]
 
 Start an SGLang server (python -m sglang.launch_server) with the sgl-merge plugin, wait until its
-scheduler reports sgl-merge active, print where it listens, and run until Ctrl-C or SIGTERM, which
-stop all of its processes. SGLang's arguments are passed through unchanged.
+scheduler reports sgl-merge active, print where it listens, and run until Ctrl-C, SIGTERM or SIGHUP,
+which stop all of its processes (exit status 0; a second signal kills them at once). Should
+sgl-merge itself be killed (SIGKILL), the server gets SIGTERM from Linux and stops too. SGLang's
+arguments are passed through unchanged.
 
 sgl-merge's own option (every other argument is SGLang's):
   --wait-timeout S   seconds to wait for the server to report ready (default 1800: a large model's
@@ -65,12 +68,8 @@ def serve(argv: list[str]) -> int:
         print(f"sgl-merge serve: {e}", file=sys.stderr)
         return 2
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    # Explicitly, since a launcher started in the background inherits SIGINT ignored.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # SIGINT too, explicitly: a launcher started in the background inherits it ignored.
+    install_stop_handlers(force_sigint=True)
     try:
         server.start(timeout=wait_timeout, progress=print_progress)
         print(describe(server), flush=True)
@@ -79,7 +78,7 @@ def serve(argv: list[str]) -> int:
         print(f"sgl-merge serve: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("sgl-merge serve: stopping the server", file=sys.stderr)
+        _say("sgl-merge serve: stopping the server")
         return 0
     finally:
         server.stop()
@@ -99,6 +98,83 @@ def evaluate(argv: list[str]) -> int:
 
 COMMANDS = {"serve": serve, "demo": demo, "eval": evaluate}
 
+# SIGTERM (timeout, CI runners, job schedulers, kill) and SIGHUP (a closed terminal or SSH session)
+# stop a command as Ctrl-C does; without this their default action would end the process before any
+# `finally` ran, orphaning the server in its own process group.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+received: list[int] = []  # the stop signals this process got, in order
+_previous: dict[int, object] = {}  # the handlers install_stop_handlers replaced
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal, raised in the main thread where Ctrl-C's KeyboardInterrupt would be, so every
+    `except KeyboardInterrupt` and `finally` (the server's stop among them) runs as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_stop_signal(signum, frame):
+    received.append(signum)
+    # A second signal lands in the first one's cleanup, where ServerProcess.stop() takes it as
+    # "no more grace" and SIGKILLs the server's process group at once.
+    raise Stopped(signum)
+
+
+def install_stop_handlers(force_sigint: bool = False) -> None:
+    """Stop on SIGINT, SIGTERM and SIGHUP by raising `Stopped` (until `restore_handlers()`). A
+    signal this process inherited ignored stays ignored (nohup's SIGHUP; SIGINT in a background job,
+    unless `force_sigint`). Only the main thread can install handlers: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in STOP_SIGNALS:
+        current = signal.getsignal(sig)
+        if current is _on_stop_signal or (current is signal.SIG_IGN and not (force_sigint and sig == signal.SIGINT)):
+            continue
+        _previous.setdefault(sig, signal.SIG_DFL if current is None else current)  # (None: not set from Python)
+        signal.signal(sig, _on_stop_signal)
+
+
+def restore_handlers() -> None:
+    if threading.current_thread() is threading.main_thread():
+        while _previous:
+            sig, handler = _previous.popitem()
+            signal.signal(sig, handler)
+
+
+def _say(line: str) -> None:
+    """A line on stderr, which after SIGHUP may be a terminal that is gone."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _run(command: str, argv: list[str]) -> int:
+    install_stop_handlers()
+    try:
+        code = COMMANDS[command](argv)
+    except KeyboardInterrupt:  # a stop signal before the command could take it
+        code = 130
+    finally:
+        server = sys.modules.get("sgl_merge.server")
+        while server is not None:
+            try:
+                server.stop_all()  # a server its command did not stop: never left behind
+                break
+            except KeyboardInterrupt:  # that server is SIGKILLed now; on to the rest
+                continue
+        restore_handlers()  # everything is stopped: a further signal does what it did before
+    if received:
+        stopped = server is not None and server.stopped_groups
+        _say(f"sgl-merge {command}: stopped by {signal.Signals(received[0]).name}"
+             + ("; its SGLang server and all the server's processes are stopped" if stopped else ""))
+        # A server asked to stop ends normally; a job stopped short exits as the signal's death
+        # would show in a shell (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
+        code = 0 if command == "serve" else 128 + received[0]
+    return code
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -109,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nsgl-merge: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0 if argv else 2
-    return COMMANDS[argv[0]](argv[1:])
+    return _run(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,16 @@ The server runs as `python -m sglang.launch_server` in its own process group, so
 Ctrl-C on the launcher) takes down the scheduler and detokenizer children too. Readiness means more
 than /health: the scheduler process must report the plugin active, since SGLang only logs plugin
 failures.
+
+No server outlives the process that started it. `stop()` (which `running()` and the CLI's signal
+handlers reach) ends its whole process group; and where the starter dies without stopping it (even
+by SIGKILL), Linux's parent-death signal (PR_SET_PDEATHSIG) sends SGLang's launcher SIGTERM, as
+`stop()` would: the launcher drains (requests of a client that is gone are aborted), asks its
+schedulers to exit and kills what is left of its children, which SGLang itself also ties to the
+launcher with a parent-death SIGKILL (measured: all gone about 6 s after the starter's SIGKILL, on 2
+CPU cores). Linux sends that signal when the *thread* that forked the child ends, so a server started
+from another thread than the main one is forked by a helper thread that lives as long as the
+process (see `spawn`). Elsewhere than Linux only `stop()` applies.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +57,101 @@ PROGRESS_EVERY_S = 15.0
 
 class ServerStartError(RuntimeError):
     """The server exited or never became ready with sgl-merge active."""
+
+
+# The process groups of the servers this process started and has not stopped yet (pgid: server), and
+# of those it stopped: the CLI's safety net and its last word on a signal read them.
+live_servers: dict[int, "ServerProcess"] = {}
+stopped_groups: list[int] = []
+
+# What a child started by `spawn` gets when its starter dies: SGLang's launcher drains and stops its
+# children on SIGTERM.
+PDEATHSIG = signal.SIGTERM
+_PR_SET_PDEATHSIG = 1
+_spawner = None
+_spawner_lock = threading.Lock()
+
+
+def _prctl():
+    """libc's prctl on Linux (resolved here, never in a forked child), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with(parent_pid: int, prctl):
+    """A preexec_fn: the child gets PDEATHSIG when its parent (thread) dies; with the signal's
+    default action, even if the parent ignores, blocks or handles it, and at once if the parent died
+    before the request took effect."""
+
+    def preexec() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {PDEATHSIG})
+        signal.signal(PDEATHSIG, signal.SIG_DFL)
+        prctl(_PR_SET_PDEATHSIG, int(PDEATHSIG))
+        if os.getppid() != parent_pid:
+            os._exit(128 + int(PDEATHSIG))
+
+    return preexec
+
+
+def spawn(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
+    """`subprocess.Popen(cmd)` in a new session (its own process group, which `stop()` ends), tied
+    to this process on Linux: it gets PDEATHSIG when this process dies, however it dies. The parent
+    Linux watches is the forking thread, so a call from another thread than the main one forks in a
+    helper thread that lives until the interpreter exits."""
+    popen_kwargs["start_new_session"] = True
+    prctl = _prctl()
+    if prctl is None:
+        return subprocess.Popen(cmd, **popen_kwargs)
+    popen_kwargs["preexec_fn"] = _die_with(os.getpid(), prctl)
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(cmd, **popen_kwargs)
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _spawner = ThreadPoolExecutor(1, thread_name_prefix="sgl-merge-spawner")
+    return _spawner.submit(subprocess.Popen, cmd, **popen_kwargs).result()
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`. Without /proc: [pgid] if the group
+    has any process left, else []."""
+    if not os.path.isdir("/proc/self"):
+        return [pgid] if _group_alive(pgid) else []
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # state, ppid, pgrp, ...
+        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
+            members.append(int(name))
+    return members
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process of group `pgid`, if any is left."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_all() -> None:
+    """Stop every server this process started and has not stopped (the CLI's safety net)."""
+    for server in list(live_servers.values()):
+        server.stop()
 
 
 def split_wait_timeout(argv: list[str]) -> tuple[float, list[str]]:
@@ -170,14 +276,12 @@ class ServerProcess:
         `progress(elapsed_s, line)`, if given, hears every PROGRESS_EVERY_S seconds of waiting what
         the server is doing (its log's newest line, where it logs to a file; else None)."""
         cmd = [*self.command, *self.argv]
-        out = open(self.log_path, "ab") if self.log_path else None
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-            start_new_session=True,
-        )
-        if out:
-            out.close()
         try:
+            # (A signal that lands inside spawn leaves a child this process does not know of: at the
+            # latest its parent-death signal ends it when this process exits.)
+            with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext() as out:
+                self.proc = spawn(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None)
+            live_servers[self.proc.pid] = self
             self._wait_ready(timeout, require_plugin, progress)
         except BaseException:
             self.stop()
@@ -238,23 +342,26 @@ class ServerProcess:
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM the launcher (SGLang drains and stops its children), then SIGKILL whatever is
-        left of the process group, so no scheduler or detokenizer outlives the server."""
+        left of the process group, so no scheduler or detokenizer outlives the server. Interrupted
+        while it waits (a second Ctrl-C or signal), it SIGKILLs the group at once."""
         if self.proc is None:
             return
+        proc, pgid = self.proc, self.proc.pid
         try:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + grace
-        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.proc = None
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+            deadline = time.monotonic() + grace
+            while group_members(pgid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            kill_group(pgid)
+            proc.wait()
+            self.proc = None
+            live_servers.pop(pgid, None)
+            stopped_groups.append(pgid)
 
 
 def _group_alive(pgid: int) -> bool:

@@ -146,34 +146,41 @@ def free_port() -> int:
 class ServeProcess:
     """`sgl-merge serve ARGV` as a child process, for tests: waits until it reports the server
     ready with sgl-merge active, and on exit SIGTERMs it and makes sure every process of the server
-    (launcher, scheduler, detokenizer) is gone, even when the test failed."""
+    (launcher, scheduler, detokenizer) is gone, even when the test failed: whatever is left of any
+    process group it saw (the command's, the server's) is SIGKILLed, and reported where the test
+    passed. Should the test process die without exiting the block (even by SIGKILL), the command
+    gets SIGTERM from Linux (`sgl_merge.server.spawn`) and stops its server. `command` replaces
+    `python -m sgl_merge.cli serve` (the arguments follow)."""
 
     def __init__(self, argv: list[str], log_path: str | Path, timeout: float = 180.0,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, command: list[str] | None = None):
+        import sys
+
         self.argv, self.log_path, self.timeout = argv, Path(log_path), timeout
         self.env = env
+        self.command = command or [sys.executable, "-m", "sgl_merge.cli", "serve"]
         self.proc = None
         self.url = ""
+        self.groups: set[int] = set()
 
     def __enter__(self) -> "ServeProcess":
+        import os
         import re
-        import subprocess
-        import sys
         import time
 
-        import os
+        from sgl_merge.server import spawn
 
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sgl_merge.cli", "serve", *self.argv],
-            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(self.env or {})},
-        )
-        deadline = time.monotonic() + self.timeout
         try:
+            with open(self.log_path, "wb") as log:
+                self.proc = spawn([*self.command, *self.argv], stdout=log, stderr=log,
+                                  env={**os.environ, **(self.env or {})})
+            self.groups.add(self.proc.pid)
+            deadline = time.monotonic() + self.timeout
             while time.monotonic() < deadline:
                 m = re.search(r"sgl-merge \S+ active .* listening on (http://\S+)", self.log())
                 if m:
                     self.url = m.group(1)
+                    self._note_groups()
                     return self
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"sgl-merge serve exited {self.proc.returncode}:\n{self.tail()}")
@@ -200,27 +207,46 @@ class ServeProcess:
             return []
         return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
+    def _note_groups(self) -> None:
+        """Remember the process groups of the command and its descendants (the server's own)."""
+        import os
+
+        for p in self.processes():
+            try:
+                self.groups.add(os.getpgid(p.pid))
+            except OSError:
+                pass
+        self.groups.discard(os.getpgrp())  # never this (the test's) own group
+
     def __exit__(self, *exc) -> None:
         import signal
         import subprocess
 
         import psutil
 
+        from sgl_merge.server import group_members, kill_group
+
         if self.proc is None:
             return
         tree = self.processes()
+        self._note_groups()
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pass
         _, alive = psutil.wait_procs(tree, timeout=30)
-        for p in alive:
-            p.kill()
+        left = sorted({p.pid for p in alive} | {pid for g in self.groups for pid in group_members(g)})
+        for pgid in self.groups:
+            kill_group(pgid)
+        for p in alive:  # (one that left its group)
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.proc.wait()
         self.proc = None
-        if alive and exc[0] is None:
+        if left and exc[0] is None:
             raise RuntimeError(
-                f"sgl-merge serve left {len(alive)} processes running after SIGTERM: "
-                f"{[p.pid for p in alive]} (killed now)"
+                f"sgl-merge serve left {len(left)} processes running after SIGTERM: {left} (killed now)"
             )
