@@ -167,6 +167,8 @@ def test_kept_sources_expire_after_their_ttl(server):
     ({"sources": ["a"], "prompt_len": -1}, "sgl_merge_join.prompt_len must be an integer"),
     ({"sources": ["a"], "release": True}, "unknown field(s) ['release']"),
     ({"sources": ["a"], "release_sources": "yes"}, "sgl_merge_join.release_sources must be true or false"),
+    ({"sources": ["a", "b"], "owner": ["x"]}, "sgl_merge_join.owner must be one owner for all sources or a list of 2"),
+    ({"sources": ["a"], "owner": 7}, "sgl_merge_join.owner must be a non-empty string"),
 ])
 def test_malformed_joins_are_400s_naming_the_field(server, fields, named):
     r = post(server, {"input_ids": CONTINUATION, "sampling_params": {
@@ -176,8 +178,9 @@ def test_malformed_joins_are_400s_naming_the_field(server, fields, named):
 
 @pytest.mark.parametrize("keep, named", [
     ({"ttl_s": 0}, "sgl_merge_keep.ttl_s must be a number of seconds"),
-    ({"ttl": 5}, 'sgl_merge_keep must be true or {"ttl_s": seconds}'),
-    ("yes", 'sgl_merge_keep must be true or {"ttl_s": seconds}'),
+    ({"ttl": 5}, 'sgl_merge_keep must be true or {"ttl_s": seconds, "owner"'),
+    ("yes", 'sgl_merge_keep must be true or {"ttl_s": seconds, "owner"'),
+    ({"owner": ""}, "sgl_merge_keep.owner must be a non-empty string"),
 ])
 def test_malformed_keeps_are_400s_naming_the_field(server, keep, named):
     r = post(server, {"input_ids": PROMPT, "sampling_params": {

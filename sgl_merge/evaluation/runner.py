@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -231,15 +232,16 @@ def _parathink(server: Server, cfg: EvalConfig, problem: dict, contexts: list[li
     """parathink@k for every k: the traces kept once, one join per k, then released."""
     tag = uuid.uuid4().hex[:12]
     rids = [f"eval-{tag}-{i}" for i in range(len(contexts))]
-    keep = {"max_new_tokens": 0, "custom_params": {"sgl_merge_keep": True}}
+    owner = secrets.token_urlsafe(18)
+    keep = {"max_new_tokens": 0, "custom_params": {"sgl_merge_keep": {"owner": owner}}}
     server.post("/generate", {"input_ids": contexts, "rid": rids, "sampling_params": [keep] * len(contexts)})
     try:
         ks = sorted(cfg.ks)
         params = [{**answer, "custom_params": {"sgl_merge_join": {
-            "sources": rids[:k], "prompt_len": prompt_len, "release_sources": False}}} for k in ks]
+            "sources": rids[:k], "owner": owner, "prompt_len": prompt_len, "release_sources": False}}} for k in ks]
         outs = server.generate([server.summary_prefix] * len(ks), params)
     finally:
-        server.post("/sgl_merge/release", {"rids": rids})
+        server.post("/sgl_merge/release", {"rids": rids, "owner": owner})
     return {str(k): {"text": o["text"], "tokens": o["meta_info"]["completion_tokens"],
                      "correct": correct(cfg.task, o["text"], problem, cfg.code_timeout_s)} for k, o in zip(ks, outs)}
 

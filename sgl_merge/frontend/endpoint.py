@@ -16,6 +16,7 @@ Everything else is SGLang's RuntimeEndpoint, unchanged.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import uuid
 import weakref
@@ -34,6 +35,7 @@ class _Joined:
     """A state's KV join: the kept sources and the text they spell (the state's text at the join)."""
 
     sources: list[str]
+    owner: str  # the secret the sources are kept under (one per join)
     prompt_len: int  # tokens of the forks' shared prefix
     text: str
 
@@ -80,7 +82,7 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
         data["text"] = rests if many else rests[0]
         params = data["sampling_params"] = dict(data.get("sampling_params") or {})
         params["custom_params"] = {**(params.get("custom_params") or {}), JOIN_KEY: {
-            "sources": joined.sources, "prompt_len": joined.prompt_len, "positions": self.positions,
+            "sources": joined.sources, "owner": joined.owner, "prompt_len": joined.prompt_len, "positions": self.positions,
             "release_sources": False}}
 
     def concatenate_and_append(self, src_rids, dst_rid):
@@ -94,20 +96,20 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
         joined_text = shared + "".join(f.text_[f.fork_start_text_pos:] for f in forks)
         # The shared prefix's length in tokens (cached by the forks' commits: a prefill of one token).
         prefix = self._generate({"text": shared, "sampling_params": {"max_new_tokens": 0}}, "the forks' shared prefix")
-        sources = []
+        sources, owner = [], secrets.token_urlsafe(18)
         for fork in forks:
             rid = f"sgl-merge-fork-{uuid.uuid4().hex}"
             try:
-                self._generate({"text": fork.text_, "rid": rid, "sampling_params": {
-                    "max_new_tokens": 0, "custom_params": {KEEP_KEY: {"ttl_s": self.keep_ttl_s}}}}, f"fork {fork.sid}")
+                self._generate({"text": fork.text_, "rid": rid, "sampling_params": {"max_new_tokens": 0, "custom_params": {
+                    KEEP_KEY: {"ttl_s": self.keep_ttl_s, "owner": owner}}}}, f"fork {fork.sid}")
             except MergeError:
-                self._release(sources)
+                self._release(sources, owner)
                 raise
             sources.append(rid)
         old = self._joined.pop(dst_rid, None)
-        self._joined[dst_rid] = _Joined(sources, prefix["meta_info"]["prompt_tokens"], joined_text)
+        self._joined[dst_rid] = _Joined(sources, owner, prefix["meta_info"]["prompt_tokens"], joined_text)
         if old is not None:
-            self._release(old.sources)
+            self._release(old.sources, old.owner)
 
     def end_program(self, s):
         """SGLang calls this as soon as a program function returns, while the state's worker thread may
@@ -127,7 +129,7 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
             worker.join()
         joined = self._joined.pop(sid, None)
         if joined is not None:
-            self._release(joined.sources)
+            self._release(joined.sources, joined.owner)
 
     def _generate(self, body: dict, what: str) -> dict:
         r = self._server.post("/generate", body, timeout=None)
@@ -136,6 +138,6 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
                              f"{r.text[:300]}")
         return r.json()
 
-    def _release(self, rids: list[str]) -> None:
+    def _release(self, rids: list[str], owner: str) -> None:
         if rids:
-            self._server.post("/sgl_merge/release", {"rids": rids}, timeout=30, check=False)
+            self._server.post("/sgl_merge/release", {"rids": rids, "owner": owner}, timeout=30, check=False)

@@ -15,6 +15,7 @@ it with ThinkMerge (`think_merge`) on your model.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 
 from sgl_merge.frontend.merge import (
@@ -120,20 +121,20 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
         texts.append(opens[i] + text)
     # Keep each whole path, its closing token included (the trace's own KV lacks its last sampled
     # token): a prefill of that token, the rest is in the radix cache from the trace.
-    sources = []
+    sources, owner = [], secrets.token_urlsafe(18)
     try:
         for ids in path_ids:
             rid = f"parathink-{uuid.uuid4().hex}"
             _post(server, {"input_ids": prompt_ids + ids, "rid": rid,
-                        "sampling_params": {"max_new_tokens": 0, "custom_params": {KEEP_KEY: True}}}, key)
+                        "sampling_params": {"max_new_tokens": 0, "custom_params": {KEEP_KEY: {"owner": owner}}}}, key)
             sources.append(rid)
         continuation = _tokenize(server, summary_prefix, key)
-        join = {"sources": sources, "prompt_len": len(prompt_ids), "positions": positions, "release_sources": True}
+        join = {"sources": sources, "owner": owner, "prompt_len": len(prompt_ids), "positions": positions, "release_sources": True}
         sampling["custom_params"] = {**(sampling.get("custom_params") or {}), JOIN_KEY: join}
         out = _post(server, {"input_ids": continuation, "sampling_params": sampling}, key)
     except MergeError:
         if sources:  # the join never ran: let go of what was kept for it
-            server.post("/sgl_merge/release", {"rids": sources}, route=key, timeout=30, check=False)
+            server.post("/sgl_merge/release", {"rids": sources, "owner": owner}, route=key, timeout=30, check=False)
         raise
     ex.meta_info[f"{name}_traces"] = outcome
     ex.meta_info[f"{name}_join"] = {"prompt_len": len(prompt_ids), "paths": path_ids, "continuation": continuation,

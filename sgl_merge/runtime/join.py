@@ -35,7 +35,7 @@ same rid keep two sources.
 Budget: kept KV is memory no other request can use. A keep is refused (429) at arrival when its
 prompt + max_new_tokens, with what is kept and reserved already, would pass
 SGLANG_MERGE_KEEP_MAX_TOKENS (default: half the KV cache), or when its owner already holds
-SGLANG_MERGE_KEEP_MAX_PER_OWNER sources (default 64). Nothing kept is reclaimed early: sources
+SGLANG_MERGE_KEEP_MAX_PER_OWNER sources (default 256, what one join may read). Nothing kept is reclaimed early: sources
 leave by a join's `release_sources`, `/sgl_merge/release`, or their TTL.
 
 Lifecycle: a kept source is a lock on its radix-tree leaf; a join holds it from arrival until it
@@ -80,7 +80,7 @@ MAX_OWNER_LEN = 256
 RELEASE_RID = "sgl-merge-release:"  # aborts aimed at a kept source (expiry, /sgl_merge/release), not at a request
 MAX_TOKENS_ENV = "SGLANG_MERGE_KEEP_MAX_TOKENS"
 MAX_PER_OWNER_ENV = "SGLANG_MERGE_KEEP_MAX_PER_OWNER"
-DEFAULT_MAX_PER_OWNER = 64
+DEFAULT_MAX_PER_OWNER = MAX_SOURCES  # one owner can always keep what one join reads
 OWNER_HINT = (f"present the owner it was kept under ({JOIN_PREFIX}.owner: the {KEEP_KEY}.owner you sent, or "
               f"meta_info.{KEEP_KEY}.owner of the keep's response)")
 
