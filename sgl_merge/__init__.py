@@ -10,8 +10,8 @@ runtime plugin, the kernels and `scripts/gpu_check.py` import this package witho
 
 __version__ = "0.1.0"
 
-__all__ = ["MergeError", "RuntimeEndpoint", "__version__", "merge_gen", "merge_gen_stream", "parathink", "think_merge",
-           "vote"]
+__all__ = ["APIKeyError", "MergeError", "RuntimeEndpoint", "__version__", "merge_gen", "merge_gen_stream", "parathink",
+           "think_merge", "vote"]
 
 
 def __getattr__(name: str):

@@ -252,6 +252,7 @@ class ServerProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     url: str = ""
+    api_key: str | None = None  # the server's --api-key, for the readiness check
     status: dict | None = None
     # What runs the server (the arguments follow): SGLang's launcher.
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "sglang.launch_server"])
@@ -267,7 +268,7 @@ class ServerProcess:
             env.update(cpu_engine_env(env, ranks=args.dp_size * args.tp_size * args.pp_size))
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         port = args.port
-        return cls(argv=argv, log_path=log_path, env=env, url=f"http://{host}:{port}")
+        return cls(argv=argv, log_path=log_path, env=env, url=f"http://{host}:{port}", api_key=args.api_key)
 
     def start(self, timeout: float = DEFAULT_WAIT_TIMEOUT_S, require_plugin: bool = True,
               progress=None) -> "ServerProcess":
@@ -299,7 +300,7 @@ class ServerProcess:
                 )
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.status = plugin_status(self.url)
+                    self.status = plugin_status(self.url, api_key=self.api_key)
                     if not require_plugin or (self.status and self.status.get("active")):
                         return
                     raise ServerStartError(

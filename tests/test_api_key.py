@@ -33,7 +33,7 @@ def key_server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("api-key-server") / "server.log"
     srv = ServerProcess.prepare(["--model-path", str(tiny_model), "--port", str(free_port()), *TEST_SERVER_FLAGS,
                                  "--api-key", KEY], log_path=str(log))
-    srv.start(require_plugin=False)  # the plugin's status is read with the key below
+    srv.start()  # ready only once the plugin's status, read with the server's key, says active
     try:
         status = plugin_status(srv.url, api_key=KEY)
         assert status and status["active"], status
