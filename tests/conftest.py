@@ -1,5 +1,9 @@
 """Shared fixtures: one small model, and the real CPU SGLang servers the tests share (the main one
-started by `sgl-merge serve`), each started once per test session."""
+started by `sgl-merge serve`), each started once per test session.
+
+Markers (pyproject.toml): every test that talks to a real SGLang server is marked `server` (found
+here from the fixtures it uses, or marked where it starts one itself), and the gateway's tests also
+`gateway`; `pytest -m "not server"` runs the fast rest in about a minute."""
 
 from __future__ import annotations
 
@@ -15,6 +19,21 @@ from sgl_merge.testing import ServeProcess, build_tiny_model, free_port
 # random model sampling whitespace could otherwise spend any token budget before closing the object.
 TEST_SERVER_FLAGS = ["--dtype", "float32", "--log-level", "warning", "--tool-call-parser", "qwen25",
                      "--constrained-json-disable-any-whitespace"]
+
+
+# Fixtures that start a real SGLang server (here and in test modules); a test using one, directly
+# or through another fixture, is a `server` test.
+SERVER_FIXTURES = {"server", "variant_server", "dp_server", "non_thinking_server", "stock_server", "key_server",
+                   "kv_server", "reasoner_server", "gateway", "pt_server", "pt_chunked_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+        if item.module.__name__ == "test_gateway":
+            item.add_marker(pytest.mark.gateway)
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(scope="session")

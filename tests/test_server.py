@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 import requests
 
 from sgl_merge import __version__
@@ -81,6 +82,7 @@ def test_serve_help_explains_cpu_defaults_and_lists_sglang_flags():
     assert "SGLANG_USE_CPU_ENGINE=1" in out.stdout and "--model-path" in out.stdout
 
 
+@pytest.mark.server
 def test_serve_starts_and_ctrl_c_stops_every_process(tiny_model, tmp_path):
     """A second, short-lived server: started as a user would, then stopped by Ctrl-C. (SIGTERM is
     checked on every run by the session server's teardown, which fails on leftover processes.)

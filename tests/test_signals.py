@@ -325,6 +325,7 @@ def test_serve_process_leaves_nothing_when_the_test_process_dies(tmp_path):
         test_process.wait()
 
 
+@pytest.mark.server
 @pytest.mark.timeout(300)
 def test_a_real_server_goes_when_sgl_merge_serve_is_killed(tiny_model, tmp_path):
     """SGLang's side of the chain, with a real server: SIGKILL on `sgl-merge serve` leaves its

@@ -44,7 +44,7 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
     """SGLang's RuntimeEndpoint whose `forks.join("concate_and_append")` joins KV on sgl-merge serve.
 
     `positions`: where the joined state's new tokens continue, "after_longest" (after the shared
-    prefix and the longest fork) or "sequential" (after the whole concatenation); see README.
+    prefix and the longest fork) or "sequential" (after the whole concatenation); see docs/kv-join.md.
     `keep_ttl_s`: how long the server keeps a join's sources if the program never ends.
     `api_key`, `verify`, `chat_template_name`: SGLang's; the key goes with every request, and a server
     that refuses it (or wants one) raises APIKeyError here.

@@ -4,7 +4,7 @@ A value SGLang's tokenizer process lets through but its scheduler cannot handle 
 scheduler, and with it every client's connection. Each check here runs in the tokenizer process,
 beside SGLang's own validation of the same request (`TokenizerManager._validate_one_request`, whose
 ValueErrors are 400s naming the field), and touches only the values that would crash. The list of
-what was found and how is in README ("Inputs that crashed SGLang").
+what was found and how is in docs/reliability.md ("Inputs that crashed SGLang").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ frontend calls for `forks.join("concate_and_append")`, and SGLang 0.5.23 does no
 program hangs). The ids in it are the frontend's own state ids, which a stock `RuntimeEndpoint`
 never sends to the server, so no server can find those forks' KV: the route answers so the program
 goes on, and the join happens as text (the next generation prefills the joined text, a sequential
-computation). `sgl_merge.RuntimeEndpoint` makes the same programs join KV for real (README).
+computation). `sgl_merge.RuntimeEndpoint` makes the same programs join KV for real (docs/kv-join.md).
 
 `POST /sgl_merge/release {"rids": [...], "owner": "<secret>" | [...]}` lets go of kept sources
 (`sgl_merge_keep`) before their TTL: through the scheduler's abort path, so every tensor-parallel

@@ -4,7 +4,7 @@ SGLang's gateway (smg) sends each HTTP request to one worker; members sent in se
 meet only if they share one `X-SMG-Routing-Key` (consistent hashing puts one key on one worker).
 A worker sees only its own members, so it cannot tell "the rest went elsewhere" from "the rest are
 late", and a split group would wait for the group timeout. With `SGLANG_MERGE_REQUIRE_ROUTING_KEY=1`
-(set on workers behind a gateway; README "Scaling out") such a request without the header is a 400
+(set on workers behind a gateway; docs/scaling-out.md) such a request without the header is a 400
 at once, naming the header and the one-request alternative. Requests that carry all of their
 groups' members, and requests outside merge groups, are never affected.
 """
