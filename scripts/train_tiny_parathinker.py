@@ -51,7 +51,7 @@ from torch import nn
 
 import train_tiny_reasoner as base
 from sgl_merge.models.parathinker import SEG_WEIGHT, control_tokens
-from sgl_merge.testing import THINK_CLOSE, THINK_OPEN
+from sgl_merge.tiny_models import THINK_CLOSE, THINK_OPEN
 from sgl_merge.tiny_reasoner import parts, task
 
 PATHS = 8

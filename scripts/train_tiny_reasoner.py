@@ -1,7 +1,7 @@
 """Train the tiny reasoning model bundled for the ThinkMerge demo (`sgl_merge/tiny_reasoner/`).
 
 The model is a small Qwen2 causal LM with its own byte-level BPE tokenizer (the same recipe and
-special tokens as `sgl_merge.testing.build_tiny_model`), trained from scratch on the chained
+special tokens as `sgl_merge.tiny_models.build_tiny_model`), trained from scratch on the chained
 modular arithmetic tasks of `sgl_merge.tiny_reasoner`: one chain answered as a digit (`task`) and
 four short chains answered together as one line (`parts`), mixed in each batch
 (`--parts-fraction`), loss on the assistant turn only.
@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from sgl_merge.testing import CHAT_TEMPLATE, SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
+from sgl_merge.tiny_models import CHAT_TEMPLATE, SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
 from sgl_merge.tiny_reasoner import parts, task
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int):
-    """Byte-level BPE trained on `corpus`, as `sgl_merge.testing._build_tokenizer` does on its own.
+    """Byte-level BPE trained on `corpus`, as `sgl_merge.tiny_models._build_tokenizer` does on its own.
 
     One difference: the pre-tokenizer is Qwen2's (digits one by one), not GPT-2's, because
     transformers loads any directory whose config says `qwen2` with `Qwen2Tokenizer`, which

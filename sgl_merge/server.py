@@ -388,6 +388,15 @@ def describe(server: ServerProcess) -> str:
     )
 
 
+def free_port() -> int:
+    """A TCP port on localhost that is free right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def running(url: str | None, model_path: str | None, flags: list[str] = (), quiet: bool = False,
             env: dict[str, str] | None = None):
@@ -397,7 +406,7 @@ def running(url: str | None, model_path: str | None, flags: list[str] = (), quie
     if url:
         yield url.rstrip("/")
         return
-    from sgl_merge.testing import build_tiny_model, free_port
+    from sgl_merge.tiny_models import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="sgl-merge-") as tmp:
         model = str(model_path or build_tiny_model(Path(tmp) / "model"))

@@ -18,6 +18,7 @@ import requests
 
 from sgl_merge.evaluation import report, runner
 from sgl_merge.evaluation.runner import EvalConfig, EvalError
+from sgl_merge.evaluation.scoring import TASKS
 from sgl_merge.runtime.spec import MODES
 from sgl_merge.server import running
 
@@ -163,7 +164,7 @@ def evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sgl-merge eval", description=EVAL_DESCRIPTION)
     _add_common(p, "sgl-merge-eval")
     p.add_argument("--dataset", required=True, help="JSONL file of problems")
-    p.add_argument("--task", choices=("math", "exact", "code"), default="math",
+    p.add_argument("--task", choices=TASKS, default="math",
                    help="math: boxed answers checked with math-verify; exact: the boxed text must equal the "
                         "answer; code: answers run against tests")
     p.add_argument("--methods", type=_methods, default=runner.METHODS, help="any of single,vote,merge,parathink (default all)")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
 from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS, release_rid
-from sgl_merge.serving.think_merge import ThinkMergeError, _integer, _last, _temperature
+from sgl_merge.serving.think_merge import ThinkMergeError, integer_field, last_output, temperature_field
 
 FIELD = "parathink"
 DEFAULTS = {"paths": None, "first": None, "thinking_budget": 4096, "thinking_temperature": 0.6,
@@ -49,11 +49,16 @@ class ParaThinkConfig:
     summary_prefix: str | None = None  # None: the layout's
     layout: str = "auto"
     needs_confidence = False
+    method = FIELD
 
     @property
     def merged(self) -> int:
         """How many paths the summary reads: the first `first` to finish, else all."""
         return self.first or self.k
+
+    def answer(self, original, manager, obj, raw_request, call, traces: list[dict], rids: list[str]):
+        """The answer after the paths: a summary joined over their KV."""
+        return summarize(original, manager, obj, raw_request, call, traces, rids)
 
 
 def parse_config(entry, max_group: int | None) -> ParaThinkConfig:
@@ -66,11 +71,11 @@ def parse_config(entry, max_group: int | None) -> ParaThinkConfig:
     entry = {**DEFAULTS, **{key: value for key, value in entry.items() if value is not None}}
     if entry["paths"] is None:
         raise ThinkMergeError(f"{FIELD}.paths", f"{FIELD}.paths is required: the number of thinking paths")
-    paths = _integer(entry, "paths", 1, None, FIELD)
+    paths = integer_field(entry, "paths", 1, None, FIELD)
     if max_group is not None and paths > max_group:
         raise ThinkMergeError(f"{FIELD}.paths", f"{FIELD}.paths is {paths}, but this server runs at most {max_group} "
                               "requests at once (--max-running-requests)")
-    first = None if entry["first"] is None else _integer(entry, "first", 1, paths, FIELD)
+    first = None if entry["first"] is None else integer_field(entry, "first", 1, paths, FIELD)
     if entry["positions"] not in POSITIONS:
         raise ThinkMergeError(f"{FIELD}.positions",
                               f"{FIELD}.positions must be one of {list(POSITIONS)}, got {entry['positions']!r}")
@@ -80,8 +85,8 @@ def parse_config(entry, max_group: int | None) -> ParaThinkConfig:
                               f"summary's first tokens, prefilled by the join), got {prefix!r}")
     if entry["layout"] not in LAYOUTS:
         raise ThinkMergeError(f"{FIELD}.layout", f"{FIELD}.layout must be one of {list(LAYOUTS)}, got {entry['layout']!r}")
-    return ParaThinkConfig(k=paths, first=first, thinking_budget=_integer(entry, "thinking_budget", 1, None, FIELD),
-                           thinking_temperature=_temperature(entry, FIELD), positions=entry["positions"],
+    return ParaThinkConfig(k=paths, first=first, thinking_budget=integer_field(entry, "thinking_budget", 1, None, FIELD),
+                           thinking_temperature=temperature_field(entry, FIELD), positions=entry["positions"],
                            summary_prefix=prefix, layout=entry["layout"])
 
 
@@ -144,7 +149,7 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
                                                      "custom_params": {KEEP_KEY: {"owner": owner}}})
             rids.append(rid)
             sent.append(rid)  # from here on released however this ends: it may be kept while we wait
-            out = await _last(original(manager, keep, raw_request))
+            out = await last_output(original(manager, keep, raw_request))
             if out is None or (out["meta_info"].get("finish_reason") or {}).get("type") == "abort":
                 raise ValueError(f"{FIELD}: keeping path {len(sources)} for the summary failed: "
                                  f"{out and out['meta_info'].get('finish_reason')}")

@@ -20,6 +20,7 @@ variant); `mode: "entropy"` (with `tau`) re-weights the members at every answer 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import math
 import time
@@ -55,6 +56,7 @@ class ThinkMergeConfig:
     keep: int | None = None
     confidence_window: int | None = None
     tau: float | None = None
+    method = FIELD  # the request field this config came from
 
     @property
     def merged(self) -> int:
@@ -66,8 +68,13 @@ class ThinkMergeConfig:
     def needs_confidence(self) -> bool:
         return self.weighting == "confidence" or self.keep is not None
 
+    def answer(self, original, manager, obj, raw_request, call, traces: list[dict], rids: list[str]):
+        """The answer after the traces: one merge group over them (`merged_answer`). Each method's
+        config answers its own way (parathink's: a summary joined over the paths)."""
+        return merged_answer(original, manager, obj, raw_request, call, traces, rids)
 
-def _integer(entry: dict, name: str, low: int, high: int | None = None, field: str = FIELD) -> int:
+
+def integer_field(entry: dict, name: str, low: int, high: int | None = None, field: str = FIELD) -> int:
     value = entry[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"between {low} and {high}"
@@ -75,7 +82,7 @@ def _integer(entry: dict, name: str, low: int, high: int | None = None, field: s
     return value
 
 
-def _temperature(entry: dict, field: str = FIELD) -> float:
+def temperature_field(entry: dict, field: str = FIELD) -> float:
     value = entry["thinking_temperature"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ThinkMergeError(f"{field}.thinking_temperature",
@@ -95,19 +102,19 @@ def parse_config(entry, max_group: int | None) -> ThinkMergeConfig:
     entry = {**DEFAULTS, **{key: value for key, value in entry.items() if value is not None}}
     if entry["k"] is None:
         raise ThinkMergeError(f"{FIELD}.k", f"{FIELD}.k is required: the number of thinking traces")
-    k = _integer(entry, "k", 1)
+    k = integer_field(entry, "k", 1)
     if max_group is not None and k > max_group:
         raise ThinkMergeError(f"{FIELD}.k", f"{FIELD}.k is {k}, but this server runs at most {max_group} requests "
                               "at once (--max-running-requests); lower k or restart the server with a larger limit")
-    first = None if entry["first"] is None else _integer(entry, "first", 1, k)
+    first = None if entry["first"] is None else integer_field(entry, "first", 1, k)
     if entry["mode"] not in MODES:
         raise ThinkMergeError(f"{FIELD}.mode", f"{FIELD}.mode must be one of {list(MODES)}, got {entry['mode']!r}")
-    temperature = _temperature(entry)
+    temperature = temperature_field(entry)
     if entry["weighting"] not in WEIGHTINGS:
         raise ThinkMergeError(f"{FIELD}.weighting", f"{FIELD}.weighting must be one of {list(WEIGHTINGS)}, "
                               f"got {entry['weighting']!r}")
-    keep = None if entry["keep"] is None else _integer(entry, "keep", 1, first or k)
-    window = None if entry["confidence_window"] is None else _integer(entry, "confidence_window", 1)
+    keep = None if entry["keep"] is None else integer_field(entry, "keep", 1, first or k)
+    window = None if entry["confidence_window"] is None else integer_field(entry, "confidence_window", 1)
     if window is not None and entry["weighting"] != "confidence" and keep is None:
         raise ThinkMergeError(f"{FIELD}.confidence_window", f"{FIELD}.confidence_window only applies with "
                               'weighting "confidence" or keep')
@@ -120,7 +127,7 @@ def parse_config(entry, max_group: int | None) -> ThinkMergeConfig:
             raise ThinkMergeError(f"{FIELD}.tau", f"{FIELD}.tau must be a positive number, got {tau!r}")
         tau = float(tau)
     return ThinkMergeConfig(k=k, mode=entry["mode"], first=first,
-                            thinking_budget=_integer(entry, "thinking_budget", 1),
+                            thinking_budget=integer_field(entry, "thinking_budget", 1),
                             thinking_temperature=temperature, weighting=entry["weighting"], keep=keep,
                             confidence_window=window, tau=tau)
 
@@ -167,7 +174,7 @@ class ThinkMergeCall:
     @property
     def method(self) -> str:
         """The field this call came from: "think_merge", or "parathink" (`sgl_merge.serving.parathink`)."""
-        return FIELD if isinstance(self.config, ThinkMergeConfig) else "parathink"
+        return self.config.method
 
     def summary(self) -> dict:
         """The `sgl_merge` extension field of the response."""
@@ -195,35 +202,42 @@ class ThinkMergeCall:
 
 
 async def run(original, manager, obj, raw_request, call: ThinkMergeCall):
-    """Stands in for `TokenizerManager.generate_request(obj)` of a think_merge call (`original`
-    is SGLang's): yields the merged answer's outputs as the leader's. On any exit, a client
-    disconnect included, every trace and member still running is aborted."""
+    """Stands in for `TokenizerManager.generate_request(obj)` of a think_merge or parathink call
+    (`original` is SGLang's): the traces, then the config's answer, yielded as the route's one
+    generation. On any exit, a client disconnect included, every trace and member still running is
+    aborted."""
     rids: list[str] = []
-    followers: list[asyncio.Future] = []
     try:
         traces = await _think(original, manager, obj, raw_request, call, rids)
-        if call.method == "parathink":
-            from sgl_merge.serving import parathink
-
-            async for out in parathink.summarize(original, manager, obj, raw_request, call, traces, rids):
+        async with contextlib.aclosing(call.config.answer(original, manager, obj, raw_request, call, traces,
+                                                          rids)) as answer:
+            async for out in answer:
                 yield _account(out, call)
-            return
-        members = _members(obj, call, traces)
-        rids += [m.rid for m in members]
-        followers = [asyncio.ensure_future(_last(original(manager, m, raw_request))) for m in members[1:]]
-        async for out in original(manager, members[0], raw_request):
-            if out["meta_info"].get("finish_reason") is not None:
-                rest = await asyncio.gather(*followers)  # members finish in the same step
-                call.agreement = [(o["meta_info"].get(KEY) or {}).get("agreement") for o in (out, *rest)]
-            yield _account(out, call)
     finally:
         for rid in rids:
             manager.abort_request(rid)  # a no-op for requests that finished
+
+
+async def merged_answer(original, manager, obj, raw_request, call: ThinkMergeCall, traces: list[dict],
+                        rids: list[str]):
+    """The route's generation as one merge group whose members are the traces: yields the leader's
+    outputs, with every member's agreement once they finish (in the same step)."""
+    members = _members(obj, call, traces)
+    rids += [m.rid for m in members]
+    followers = [asyncio.ensure_future(last_output(original(manager, m, raw_request))) for m in members[1:]]
+    try:
+        async for out in original(manager, members[0], raw_request):
+            if out["meta_info"].get("finish_reason") is not None:
+                rest = await asyncio.gather(*followers)
+                call.agreement = [(o["meta_info"].get(KEY) or {}).get("agreement") for o in (out, *rest)]
+            yield out
+    finally:
         for task in followers:
             task.cancel()
 
 
-async def _last(outputs):
+async def last_output(outputs):
+    """The last output of a generation's stream."""
     out = None
     async for out in outputs:
         pass
@@ -265,7 +279,7 @@ async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids
                              rid=f"{call.rid}-think-{i}", return_prompt_token_ids=True, lora_path=obj.lora_path)
             for i in range(cfg.k)]
     rids += [r.rid for r in reqs]
-    index = {asyncio.ensure_future(_last(original(manager, r, raw_request))): i for i, r in enumerate(reqs)}
+    index = {asyncio.ensure_future(last_output(original(manager, r, raw_request))): i for i, r in enumerate(reqs)}
     call.outcomes = ["aborted"] * cfg.k
     finished: dict[int, dict] = {}
     errors: list[str] = []
@@ -322,7 +336,7 @@ async def _select(original, manager, obj, raw_request, call: ThinkMergeCall, fin
         body = confidence.scoring_request(list(traces[0]["prompt_token_ids"]), ids)
         score_rids = [f"{call.rid}-score-{j}" for j in range(len(ids))]
         rids += score_rids
-        outputs = await _last(original(manager, GenerateReqInput(**body, rid=score_rids, lora_path=obj.lora_path),
+        outputs = await last_output(original(manager, GenerateReqInput(**body, rid=score_rids, lora_path=obj.lora_path),
                                        raw_request))
         call.confidences = scores = confidence.scored_confidences(outputs, ids, cfg.confidence_window)
         kept = confidence.most_confident(scores, cfg.keep) if cfg.keep else list(range(len(traces)))

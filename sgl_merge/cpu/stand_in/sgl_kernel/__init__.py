@@ -19,7 +19,6 @@ if torch.cuda.is_available():
 from sgl_kernel._stand_in import unsupported  # noqa: E402
 
 __version__ = "0.0.0+sgl-merge-cpu-stand-in"
-IS_SGL_MERGE_STAND_IN = True
 
 
 def assign_req_to_token_pool_cpu(
