@@ -17,7 +17,6 @@ Without --url it starts a CPU server on the bundled tiny reasoner (or --model-pa
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import uuid
@@ -25,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from bench_merge import contexts
+from _common import contexts, parser, TINY_REASONER
+
 
 
 def answer(url: str, members: list[list[int]], tokens: int) -> float:
@@ -87,14 +87,11 @@ def throughput(url: str, ks: list[int], tokens: int, ctx_len: int, concurrency: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="an existing sgl-merge server (default: start a CPU one)")
-    p.add_argument("--model-path", help="model for the started server (default: the bundled tiny reasoner)")
+    p = parser(__doc__, TINY_REASONER, rounds=5)
     p.add_argument("--k", default="2,4,8")
     p.add_argument("--tokens", type=int, default=64, help="answer tokens")
     p.add_argument("--context-len", type=int, default=96, help="prompt + trace tokens per member")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     from sgl_merge.server import running
     from sgl_merge.tiny_reasoner import MODEL_DIR

@@ -16,12 +16,13 @@ id each round so that no round reuses an earlier round's cache.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import uuid
 
 import requests
+
+from _common import parser, SMALL_RANDOM_MODEL
 
 
 def post(url: str, body: dict) -> dict:
@@ -59,13 +60,10 @@ def bench_round(url: str, r: int, paths: int, path_len: int, prompt_len: int) ->
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="an existing sgl-merge server (default: start a CPU one)")
-    p.add_argument("--model-path", help="model for the started server (default: a small random model)")
+    p = parser(__doc__, SMALL_RANDOM_MODEL, rounds=5)
     p.add_argument("--paths", type=int, default=4)
     p.add_argument("--path-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     from sgl_merge.server import running
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -24,12 +23,9 @@ from pathlib import Path
 
 import requests
 
+from _common import contexts, parser, SMALL_RANDOM_MODEL
+
 PROMPT_WORDS = "think in parallel answer as one every branch keeps its own context while merging".split()
-
-
-def contexts(n: int, length: int) -> list[list[int]]:
-    """n distinct prompts of `length` token ids (ids below 256 exist in any byte-level vocab)."""
-    return [[(7 * i + 13 * j) % 200 + 32 for j in range(length)] for i in range(n)]
 
 
 def decode_round(url: str, ctx: list[list[int]], k: int, tokens: int, merged: bool) -> float:
@@ -87,14 +83,11 @@ def bench_kernel(extra: list[str]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="an existing sgl-merge server (default: start a CPU one)")
-    p.add_argument("--model-path", help="model for the started server (default: a small random model)")
+    p = parser(__doc__, SMALL_RANDOM_MODEL, rounds=5)
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--prompt-len", type=int, default=48)
-    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip-kernel", action="store_true")
     p.add_argument("--skip-server", action="store_true")
     args, kernel_args = p.parse_known_args()

@@ -16,7 +16,6 @@ Without --url it starts a CPU server on the bundled tiny reasoner (or --model-pa
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import uuid
@@ -24,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from bench_merge import contexts
+from _common import contexts, parser, TINY_REASONER
+
 
 
 def runtime(url: str, ctx: list[list[int]], tokens: int) -> tuple[list[int], float]:
@@ -58,14 +58,11 @@ def naive(url: str, ctx: list[list[int]], tokens: int, top: int, pool: ThreadPoo
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="an existing sgl-merge server (default: start a CPU one)")
-    p.add_argument("--model-path", help="model for the started server (default: the bundled tiny reasoner)")
+    p = parser(__doc__, TINY_REASONER, rounds=3)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--top", type=int, default=20, help="top-T logprobs per branch for the naive client")
     p.add_argument("--context-len", type=int, default=96)
-    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     from sgl_merge.server import running
     from sgl_merge.tiny_reasoner import MODEL_DIR

@@ -20,7 +20,6 @@ starts a CPU server on a small random model (or use --url for a server of yours)
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -30,6 +29,8 @@ import uuid
 from collections import Counter
 
 import requests
+
+from _common import parser
 
 PROMPT = [5, 17, 33, 40, 41, 42, 43, 44]
 QUESTION = [{"role": "user", "content": "What is 12 + 30?"}]
@@ -217,8 +218,7 @@ def run(url: str, threads: int, seconds: float, max_requests: int, timeout: floa
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="an existing sgl-merge server (default: start a CPU one on a small random model)")
+    p = parser(__doc__, rounds=None)
     p.add_argument("--threads", type=int, default=14)
     p.add_argument("--seconds", type=float, default=90)
     p.add_argument("--max-requests", type=int, default=5000)
@@ -229,7 +229,7 @@ def main() -> None:
     args = p.parse_args()
     from sgl_merge.server import running
 
-    with running(args.url, None, flags=["--tool-call-parser", "qwen25"]) as url:
+    with running(args.url, args.model_path, flags=["--tool-call-parser", "qwen25"]) as url:
         sys.exit(run(url, args.threads, args.seconds, args.max_requests, args.request_timeout, args.hang_up,
                      args.malformed, args.seed))
 
