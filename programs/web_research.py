@@ -11,19 +11,17 @@ JSON list of {"id", "title", "snippet", "url"}, and opens a document by fetching
 
 from __future__ import annotations
 
-import os
 import sys
+from pathlib import Path
 
-# Run as a script, this file's folder leads sys.path, where programs/math.py would shadow stdlib
-# `math`: put the repository root there instead (which also makes `programs` importable).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE) if os.path.abspath(p or ".") == _HERE else p for p in sys.path]
+if __package__ in (None, ""):  # run as a script: make the repository root (and `programs`) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import json  # noqa: E402
+import os  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import requests  # noqa: E402
 import sglang as sgl  # noqa: E402

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from programs import code as code_program
-from programs import math as math_program
+from programs import solve_math as math_program
+from programs import write_code as code_program
 from programs import web_research
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_math_program_scores_three_methods(server, tmp_path):
     data = tmp_path / "math.jsonl"
     data.write_text("\n".join(json.dumps(p) for p in [{"question": "1+1?", "answer": "2"},
                                                        {"question": "2*3?", "answer": "6"}]))
-    out = subprocess.run([sys.executable, str(ROOT / "programs" / "math.py"), "--url", server.url, "--k", "2",
+    out = subprocess.run([sys.executable, str(ROOT / "programs" / "solve_math.py"), "--url", server.url, "--k", "2",
                           "--data", str(data), "--think-tokens", "24"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     for method in ("single", "vote@2", "merge@2"):

@@ -1,6 +1,6 @@
 """Run generated code against its tests in a separate, limited Python process.
 
-Used by `sgl-merge eval --task code` and `programs/code.py`. The child runs isolated (`python -I`)
+Used by `sgl-merge eval --task code` and `programs/write_code.py`. The child runs isolated (`python -I`)
 with an address-space limit and a CPU-time limit, and a wall-clock timeout covers sleeping code.
 
 The verdict does not trust the child's exit status: a fixed harness (`_HARNESS`) runs the answer,

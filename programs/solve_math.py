@@ -1,16 +1,14 @@
 """Competition-style maths with a boxed final answer: single trace, majority vote and ThinkMerge
 side by side on a JSONL file of {"question", "answer"}; prints accuracy and tokens per method.
 
-    python programs/math.py --url http://127.0.0.1:30000 --k 4 --data problems.jsonl
+    python programs/solve_math.py --url http://127.0.0.1:30000 --k 4 --data problems.jsonl
 """
 
-import os
 import sys
+from pathlib import Path
 
-# Run as a script, this file's folder leads sys.path, where this file would shadow stdlib `math`:
-# put the repository root there instead (which also makes `programs` importable).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE) if os.path.abspath(p or ".") == _HERE else p for p in sys.path]
+if __package__ in (None, ""):  # run as a script: make the repository root (and `programs`) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sglang as sgl  # noqa: E402
 

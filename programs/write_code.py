@@ -4,16 +4,14 @@ Each JSONL problem has "prompt" (what to write) and "tests" (Python code with as
 code (its ```python block, or the whole answer) runs against the tests in a separate Python process
 with a time and a memory limit.
 
-    python programs/code.py --url http://127.0.0.1:30000 --k 2 --data problems.jsonl
+    python programs/write_code.py --url http://127.0.0.1:30000 --k 2 --data problems.jsonl
 """
 
-import os
 import sys
+from pathlib import Path
 
-# Run as a script, this file's folder leads sys.path, where this file would shadow stdlib `code`:
-# put the repository root there instead (which also makes `programs` importable).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE) if os.path.abspath(p or ".") == _HERE else p for p in sys.path]
+if __package__ in (None, ""):  # run as a script: make the repository root (and `programs`) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sglang as sgl  # noqa: E402
 
