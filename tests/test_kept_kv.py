@@ -20,7 +20,7 @@ from sgl_merge.server import ServerProcess
 from sgl_merge.testing import free_port
 
 PROMPT = [5, 17, 33, 40, 41, 42, 43, 44]
-WAITING_TIMEOUT_S = 6  # SGLang aborts a request that waited this long (SGLANG_REQ_WAITING_TIMEOUT)
+WAITING_TIMEOUT_S = 2  # SGLang aborts a request that waited this long (SGLANG_REQ_WAITING_TIMEOUT)
 MAX_KEPT_TOKENS = 400
 MAX_PER_OWNER = 4
 
@@ -109,7 +109,7 @@ class Blocker:
 
     def __enter__(self):
         self.thread = threading.Thread(target=generate, args=(self.server, {"input_ids": [7, 8, 9], "rid": self.rid,
-                                       "sampling_params": {"max_new_tokens": 3500, "ignore_eos": True}}), daemon=True)
+                                       "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}), daemon=True)
         self.thread.start()
         wait_until(lambda: state(self.server)["locked_cache_tokens"] > 0 or requests.get(
             f"{self.server.url}/v1/loads", timeout=10).json()["loads"][0]["num_running_reqs"] > 0, "blocker running")

@@ -42,7 +42,7 @@ import requests
 
 from sgl_merge import confidence
 from sgl_merge.evaluation.scoring import correct, vote_key
-from sgl_merge.frontend.merge import api_key_message, majority
+from sgl_merge.frontend.merge import ServerClient, api_key_message, majority
 from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
 
 METHODS = ("single", "vote", "merge", "parathink")
@@ -95,7 +95,7 @@ class Server:
 
     def __init__(self, url: str, api_key: str | None = None):
         self.url = url.rstrip("/")
-        self.headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+        self.http = ServerClient(self.url, api_key)  # the frontend's transport: the key, 429s waited out
         self.api_key = api_key
         self.open_ids = self.tokenize("<think>")
         close = self.tokenize("</think>")
@@ -124,7 +124,7 @@ class Server:
 
     def post(self, path: str, body: dict):
         try:
-            r = requests.post(f"{self.url}{path}", json=body, headers=self.headers, timeout=None)
+            r = self.http.post(path, body, check=False)
         except requests.ConnectionError as e:
             raise EvalError(f"cannot reach the server at {self.url} ({type(e).__name__}); is it running? "
                             "Start one with sgl-merge serve, or pass --model-path") from e

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint as _SGLangRuntimeEndpoint
 
-from sgl_merge.frontend.merge import MergeError, _ensure, _Server
+from sgl_merge.frontend.merge import MergeError, _ensure, ServerClient
 from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS
 
 DEFAULT_KEEP_TTL_S = 600.0
@@ -57,7 +57,7 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
             raise MergeError(f"RuntimeEndpoint(positions={positions!r}): must be one of {list(POSITIONS)}")
         # Checked before SGLang's constructor, whose first request would report a refused key only as
         # {'error': 'Unauthorized'}.
-        self._server = _Server(base_url.rstrip("/"), api_key, verify)
+        self._server = ServerClient(base_url.rstrip("/"), api_key, verify)
         _ensure(self._server)
         super().__init__(base_url, api_key, verify, chat_template_name)
         self.base_url = self.base_url.rstrip("/")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from collections import Counter
@@ -67,8 +68,11 @@ def api_key_message(url: str, status: int, api_key: str | None,
     return f"the server at {url} refused the API key (HTTP {status}): pass the server's --api-key as {how}"
 
 
+BUSY_WAIT_S = 300.0  # how long a client waits out a server's 429s before it gives up
+
+
 @dataclass(frozen=True)
-class _Server:
+class ServerClient:
     """Where a program's requests go: its backend's URL, API key and TLS verification (`verify`: a CA
     bundle path, as SGLang's RuntimeEndpoint takes it), sent with every request as SGLang's
     RuntimeEndpoint sends them (`Authorization: Bearer <key>`)."""
@@ -85,9 +89,18 @@ class _Server:
 
     def request(self, method: str, path: str, body: dict | None = None, *, route: str | None = None,
                 stream: bool = False, timeout: float | None = None, check: bool = True) -> requests.Response:
-        """One request; a 401/403 raises APIKeyError (unless `check` is False: best-effort calls)."""
-        r = requests.request(method, f"{self.url}{path}", json=body, headers=self.headers(route), stream=stream,
-                             timeout=timeout, verify=self.verify)
+        """One request; a 401/403 raises APIKeyError (unless `check` is False: best-effort calls). A
+        429 (the server's kept-KV budget is spent for now) is waited out, up to BUSY_WAIT_S, backing
+        off, as the server's message asks; then the 429 is the answer."""
+        deadline, pause = time.monotonic() + BUSY_WAIT_S, 0.2
+        while True:
+            r = requests.request(method, f"{self.url}{path}", json=body, headers=self.headers(route), stream=stream,
+                                 timeout=timeout, verify=self.verify)
+            if r.status_code != 429 or time.monotonic() + pause > deadline:
+                break
+            r.close()
+            time.sleep(pause)
+            pause = min(2 * pause, 5.0)
         if check and r.status_code in (401, 403):
             r.close()
             raise APIKeyError(api_key_message(self.url, r.status_code, self.api_key))
@@ -100,7 +113,7 @@ class _Server:
         return self.request("GET", path, **kwargs)
 
 
-def _backend(states) -> _Server:
+def _backend(states) -> ServerClient:
     backends = {id(st.stream_executor.backend): st.stream_executor.backend for st in states}
     if len(backends) != 1:
         raise MergeError("merge_gen: all forks must come from one program on one backend")
@@ -108,16 +121,16 @@ def _backend(states) -> _Server:
     url = getattr(backend, "base_url", None)
     if url is None:
         raise MergeError(f"merge_gen needs an SGLang RuntimeEndpoint backend, got {type(backend).__name__}")
-    return _Server(url.rstrip("/"), getattr(backend, "api_key", None), getattr(backend, "verify", None))
+    return ServerClient(url.rstrip("/"), getattr(backend, "api_key", None), getattr(backend, "verify", None))
 
 
 def ensure_merge_server(url: str, api_key: str | None = None, verify: str | None = None) -> None:
     """Check once per URL and key that the server runs sgl-merge, so a plain server fails clearly
     (and a server that wants another API key says so: APIKeyError)."""
-    _ensure(_Server(url.rstrip("/"), api_key, verify))
+    _ensure(ServerClient(url.rstrip("/"), api_key, verify))
 
 
-def _ensure(server: _Server) -> None:
+def _ensure(server: ServerClient) -> None:
     if (server.url, server.api_key) in _checked_urls:
         return
     try:
@@ -132,14 +145,14 @@ def _ensure(server: _Server) -> None:
     _checked_urls.add((server.url, server.api_key))
 
 
-def _post(server: _Server, body: dict, key: str) -> list | dict:
+def _post(server: ServerClient, body: dict, key: str) -> list | dict:
     r = server.post("/generate", body, route=key, timeout=None)
     if r.status_code != 200:
         raise MergeError(f"/generate failed with HTTP {r.status_code}: {r.text[:500]}")
     return r.json()
 
 
-def _tokenize(server: _Server, text: str, key: str, add_special_tokens: bool = False) -> list[int]:
+def _tokenize(server: ServerClient, text: str, key: str, add_special_tokens: bool = False) -> list[int]:
     """The server's token ids for `text`: /tokenize, or where that is not served (the gateway) the
     prompt ids of a zero-token /generate, which also warms the routed worker's cache."""
     if server.url not in _without_tokenize:
@@ -155,7 +168,7 @@ def _tokenize(server: _Server, text: str, key: str, add_special_tokens: bool = F
     return ids
 
 
-def _prompt_ids(server: _Server, text: str, key: str) -> list[int]:
+def _prompt_ids(server: ServerClient, text: str, key: str) -> list[int]:
     out = _post(server, {"text": text, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
                          "logprob_start_len": 0}, key)
     return [t[1] for t in out["meta_info"]["input_token_logprobs"]]
@@ -164,7 +177,7 @@ def _prompt_ids(server: _Server, text: str, key: str) -> list[int]:
 _special_prefixes: dict[str, list[int]] = {}
 
 
-def _special_prefix(server: _Server, key: str) -> list[int]:
+def _special_prefix(server: ServerClient, key: str) -> list[int]:
     """The tokens the server's tokenizer puts before any prompt (a BOS; often none): what two
     unrelated prompts' ids start with."""
     if server.url not in _special_prefixes:
@@ -185,7 +198,7 @@ class _Known:
     ids: list[int] = field(default_factory=list)
 
 
-def _context(server: _Server, executor, key: str) -> list[int]:
+def _context(server: ServerClient, executor, key: str) -> list[int]:
     """A fork's current context as token ids: the known ids and the rest tokenized, or the whole
     text tokenized as the server would tokenize the prompt."""
     known: _Known | None = getattr(executor, "_sgl_merge_known", None)
@@ -226,7 +239,7 @@ def _sampling(kwargs: dict) -> dict:
 class _Merge:
     """One prepared merge request over synced forks."""
 
-    server: _Server
+    server: ServerClient
     executors: list
     contexts: list  # token ids, one list per fork
     body: dict
@@ -403,7 +416,7 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
     return answer
 
 
-def _confidences(server: _Server, key: str, prompt_ids: list[int], ids: list[list[int]],
+def _confidences(server: ServerClient, key: str, prompt_ids: list[int], ids: list[list[int]],
                  window: int | None) -> list[float]:
     """Each trace's confidence, from the top logprobs of one scoring request (`sgl_merge.confidence`)."""
     return confidence.scored_confidences(_post(server, confidence.scoring_request(prompt_ids, ids), key), ids, window)
@@ -466,7 +479,7 @@ def _think(server, key, prompts, k, budget, temperature, closes, extra=None) -> 
     return [t.result for t in chosen], outcome, [traces.index(t) for t in chosen]
 
 
-def _stream_until(server: _Server, body: dict, key: str, stop: threading.Event) -> dict:
+def _stream_until(server: ServerClient, body: dict, key: str, stop: threading.Event) -> dict:
     """POST a streaming /generate and return its last chunk (the whole result); once `stop` is set
     the stream is closed and the result is marked aborted."""
     with server.post("/generate", body, route=key, stream=True, timeout=None) as r:

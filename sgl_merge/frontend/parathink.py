@@ -28,7 +28,7 @@ from sgl_merge.frontend.merge import (
     _ensure,
     _post,
     _sampling,
-    _Server,
+    ServerClient,
     _think,
     _tokenize,
     trace_counts,
@@ -39,7 +39,7 @@ from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS
 _controls: dict[str, dict[str, int]] = {}  # URL -> its model's ParaThinker control tokens, asked once
 
 
-def _control_ids(server: _Server, key: str) -> dict[str, int]:
+def _control_ids(server: ServerClient, key: str) -> dict[str, int]:
     """The server's ParaThinker control tokens (text -> id), so that no path samples another's."""
     if server.url not in _controls:
         def single(text):

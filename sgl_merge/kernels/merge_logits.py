@@ -35,7 +35,7 @@ synchronises with the host: no `.item()`, no boolean-mask indexing, no Python lo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 import triton

@@ -312,13 +312,15 @@ class JoinRegistry:
         # nobody knows: the source is unreachable and leaves at its TTL.
         owner = keep.owner or secrets.token_urlsafe(18)
         need = len(req.origin_input_ids) + (req.sampling_params.max_new_tokens or 0)
-        used = self.kept_tokens() + self.reserved_tokens()
+        # A keep of a (owner, rid) kept already replaces it (a client retrying a batch): not counted twice.
+        replaced = self.kept.get((owner, req.rid))
+        used = self.kept_tokens() + self.reserved_tokens() - (len(replaced.tokens) if replaced else 0)
         if used + need > self.max_tokens:
             return (f"{KEEP_PREFIX}: keeping this request could lock {need} KV tokens (prompt + max_new_tokens), and "
                     f"{used} of the server's {self.max_tokens} for kept requests are kept or reserved "
                     f"({MAX_TOKENS_ENV}); release sources you no longer need (POST /sgl_merge/release), lower "
                     "max_new_tokens or a ttl_s, or retry later")
-        held = sum(s.owner == owner for s in self.kept.values()) + sum(
+        held = sum(s.owner == owner for s in self.kept.values()) - (replaced is not None) + sum(
             r._sgl_keep.owner == owner for r in self.pending.values())
         if held >= self.max_per_owner:
             return (f"{KEEP_PREFIX}.owner already holds {held} kept or pending sources, the most one owner may hold "

@@ -23,10 +23,13 @@ input is `summary_prefix` after prompt + path 1 + ... + path P, at positions aft
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import secrets
+import time
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
 from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS, release_rid
@@ -37,6 +40,7 @@ DEFAULTS = {"paths": None, "first": None, "thinking_budget": 4096, "thinking_tem
             "positions": "after_longest", "summary_prefix": None, "layout": "auto"}
 LAYOUTS = ("auto", "parathinker", "plain")
 SUMMARY_PREFIX = {"parathinker": "<summary>", "plain": "\n"}
+BUSY_WAIT_S = 300.0  # how long a path's keep waits out a spent kept-KV budget
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,20 @@ def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[tup
     return paths
 
 
+async def _keep(original, manager, raw_request, make_request) -> dict | None:
+    """Run one keep request; while the kept-KV budget is spent (429), wait and retry, backing off,
+    for up to BUSY_WAIT_S: the call's client is already waiting for its answer."""
+    deadline, pause = time.monotonic() + BUSY_WAIT_S, 0.2
+    while True:
+        try:
+            return await last_output(original(manager, make_request(), raw_request))
+        except Exception as e:  # SGLang raises a non-stream abort as fastapi's HTTPException
+            if getattr(e, "status_code", None) != HTTPStatus.TOO_MANY_REQUESTS or time.monotonic() + pause > deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, 5.0)
+
+
 def summary_prefix(call) -> str:
     """The summary's first text: the call's, else its layout's."""
     return call.config.summary_prefix or SUMMARY_PREFIX["parathinker" if call.paths else "plain"]
@@ -143,13 +161,12 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
             if not path or path[-1] != close:
                 path.append(close)  # ran out of budget: close it
             rid = f"{call.rid}-path-{len(sources)}"
-            keep = GenerateReqInput(input_ids=list(trace["prompt_token_ids"]) + path, rid=rid,
-                                    lora_path=obj.lora_path,
-                                    sampling_params={"max_new_tokens": 0,
-                                                     "custom_params": {KEEP_KEY: {"owner": owner}}})
+            keep = functools.partial(GenerateReqInput, input_ids=list(trace["prompt_token_ids"]) + path, rid=rid,
+                                     lora_path=obj.lora_path, sampling_params={
+                                         "max_new_tokens": 0, "custom_params": {KEEP_KEY: {"owner": owner}}})
             rids.append(rid)
             sent.append(rid)  # from here on released however this ends: it may be kept while we wait
-            out = await last_output(original(manager, keep, raw_request))
+            out = await _keep(original, manager, raw_request, keep)
             if out is None or (out["meta_info"].get("finish_reason") or {}).get("type") == "abort":
                 raise ValueError(f"{FIELD}: keeping path {len(sources)} for the summary failed: "
                                  f"{out and out['meta_info'].get('finish_reason')}")
