@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Greedy steps whose top two merged scores lie closer than this are near-ties: SGLang's CPU kernels
@@ -77,12 +79,13 @@ def own_choice_agreement(model, contexts, produced) -> list[tuple[float, float]]
 
 
 @torch.no_grad()
-def check_joined_greedy(model, sources, prompt_len, continuation, produced, positions="after_longest"):
+def check_joined_greedy(model, sources, prompt_len, continuation, produced, positions="after_longest", banned=()):
     """Replay `produced` (a joined request's greedy tokens) against Hugging Face `past_key_values`
     concatenated as the join defines: source 0's KV of the shared prompt, then every source's KV from
     `prompt_len` on (each computed by a plain forward of that source alone), then the continuation
     at positions after prompt + the longest part ("after_longest") or after the whole concatenation
-    ("sequential"). Each produced token must be the reference argmax, up to near-ties. `model` is a
+    ("sequential"). Each produced token must be the reference argmax, up to near-ties, over the tokens
+    the request could sample (`banned`: ids its logit_bias made unsampleable). `model` is a
     transformers model or a ParaThinkerReference (each token then in the segment its sequence gives it)."""
     from transformers import DynamicCache
 
@@ -102,6 +105,7 @@ def check_joined_greedy(model, sources, prompt_len, continuation, produced, posi
         logits = _forward(model, feed, context, past_key_values=joined, use_cache=True,
                           position_ids=torch.arange(position, position + len(feed))[None],
                           attention_mask=torch.ones(1, kv_len + len(feed), dtype=torch.long)).logits[0, -1].double()
+        logits[list(banned)] = -math.inf
         kv_len, position, context = kv_len + len(feed), position + len(feed), context + feed
         best = int(logits.argmax())
         if token != best:

@@ -136,7 +136,7 @@ def test_a_summary_joined_over_paths_equals_the_reference(pt_server, ref, positi
     {"think_open": "<think{i}>", "think_close": "</think{i}>", "summary_prefix": "<summary>"},
     {},  # the defaults: a ParaThinker's own layout, read off the server's tokenizer
 ])
-def test_parathink_with_numbered_paths(pt_server, ref, layout):
+def test_parathink_with_numbered_paths(pt_server, ref, parathinker, layout):
     import sglang as sgl
 
     import sgl_merge
@@ -162,8 +162,18 @@ def test_parathink_with_numbered_paths(pt_server, ref, layout):
     prompt = requests.post(f"{pt_server.url}/tokenize", json={"prompt": "Question: 12 + 30?\n"},
                            timeout=30).json()["tokens"]
     assert join["prompt_len"] == len(prompt)
+    # The summary samples no control token but </summary> (summary_logit_bias): nor does the reference.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(parathinker)
+
+    def single(text):
+        token_ids = tok(text, add_special_tokens=False)["input_ids"]
+        return token_ids[0] if len(token_ids) == 1 else None
+
+    banned = {int(i) for i in summary_logit_bias(find_control_ids(single))}
     check_joined_greedy(ref, [prompt + p for p in join["paths"]], len(prompt), join["continuation"],
-                        join["output_ids"], "after_longest")
+                        join["output_ids"], "after_longest", banned=banned)
 
 
 def test_the_parathink_field_takes_a_parathinkers_numbered_paths(pt_server):
