@@ -3,7 +3,7 @@ started by `sgl-merge serve`), each started once per test session.
 
 Markers (pyproject.toml): every test that talks to a real SGLang server is marked `server` (found
 here from the fixtures it uses, or marked where it starts one itself), and the gateway's tests also
-`gateway`; `pytest -m "not server"` runs the fast rest in about a minute."""
+`gateway`; `pytest -m "not server"` runs the fast rest in about a minute and a half."""
 
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ SERVER_FIXTURES = {"server", "variant_server", "dp_server", "non_thinking_server
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        # A fixture the test uses, or one it takes by name (parametrized over servers, getfixturevalue).
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        used = set(getattr(item, "fixturenames", ())) | {v for v in params.values() if isinstance(v, str)}
+        if SERVER_FIXTURES & used:
             item.add_marker(pytest.mark.server)
         if item.module.__name__ == "test_gateway":
             item.add_marker(pytest.mark.gateway)
