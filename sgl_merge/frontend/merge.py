@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import requests
 
 from sgl_merge import confidence
+from sgl_merge.runtime.join import busy_pauses
 
 DEFAULT_OPEN = "<think>"
 DEFAULT_CLOSE = "</think>"
@@ -68,9 +69,6 @@ def api_key_message(url: str, status: int, api_key: str | None,
     return f"the server at {url} refused the API key (HTTP {status}): pass the server's --api-key as {how}"
 
 
-BUSY_WAIT_S = 300.0  # how long a client waits out a server's 429s before it gives up
-
-
 @dataclass(frozen=True)
 class ServerClient:
     """Where a program's requests go: its backend's URL, API key and TLS verification (`verify`: a CA
@@ -90,17 +88,16 @@ class ServerClient:
     def request(self, method: str, path: str, body: dict | None = None, *, route: str | None = None,
                 stream: bool = False, timeout: float | None = None, check: bool = True) -> requests.Response:
         """One request; a 401/403 raises APIKeyError (unless `check` is False: best-effort calls). A
-        429 (the server's kept-KV budget is spent for now) is waited out, up to BUSY_WAIT_S, backing
-        off, as the server's message asks; then the 429 is the answer."""
-        deadline, pause = time.monotonic() + BUSY_WAIT_S, 0.2
+        429 (the server's kept-KV budget is spent for now) is waited out (`busy_pauses`), as the
+        server's message asks; then the 429 is the answer."""
+        pauses = busy_pauses()
         while True:
             r = requests.request(method, f"{self.url}{path}", json=body, headers=self.headers(route), stream=stream,
                                  timeout=timeout, verify=self.verify)
-            if r.status_code != 429 or time.monotonic() + pause > deadline:
+            if r.status_code != 429 or (pause := next(pauses, None)) is None:
                 break
             r.close()
             time.sleep(pause)
-            pause = min(2 * pause, 5.0)
         if check and r.status_code in (401, 403):
             r.close()
             raise APIKeyError(api_key_message(self.url, r.status_code, self.api_key))

@@ -203,8 +203,8 @@ def release_kv(original, req, tree_cache, *, checkpoint):
         sampling.report_finished(req)
     out = original(req, tree_cache, checkpoint=checkpoint)
     if _joins is not None and req.finished():
-        if checkpoint:
-            _joins.keep(req)
+        if checkpoint and (kept := _joins.keep(req)) is not None:
+            sampling.report(req, join.KEEP_KEY, kept)  # the owner, for the keep's response
         _joins.ended(req)
     return out
 

@@ -81,6 +81,7 @@ RELEASE_RID = "sgl-merge-release:"  # aborts aimed at a kept source (expiry, /sg
 MAX_TOKENS_ENV = "SGLANG_MERGE_KEEP_MAX_TOKENS"
 MAX_PER_OWNER_ENV = "SGLANG_MERGE_KEEP_MAX_PER_OWNER"
 DEFAULT_MAX_PER_OWNER = MAX_SOURCES  # one owner can always keep what one join reads
+BUSY_WAIT_S = 300.0  # how long sgl-merge's own clients wait out a spent kept-KV budget (429s)
 OWNER_HINT = (f"present the owner it was kept under ({JOIN_PREFIX}.owner: the {KEEP_KEY}.owner you sent, or "
               f"meta_info.{KEEP_KEY}.owner of the keep's response)")
 
@@ -176,7 +177,7 @@ def parse_join(custom_params) -> JoinSpec | None:
 def verify(params) -> None:
     """Tokenizer-side validation of both fields of a SamplingParams (a 400 naming the field). A keep
     without an owner gets one made up here, written into the request's own custom_params, so every
-    scheduler rank sees the same owner and the response can answer it (`keep_owner`)."""
+    scheduler rank sees the same owner and the response can answer it (`JoinRegistry.keep`)."""
     keep = parse_keep(params.custom_params)
     if keep is not None and keep.owner is None:
         entry = params.custom_params[KEEP_KEY]
@@ -187,11 +188,18 @@ def verify(params) -> None:
                              "requests (each one a join of the same sources, with release_sources false)")
 
 
-def keep_owner(sampling_params) -> str | None:
-    """The owner a keep request's sources belong to (after `verify`), from its sampling params."""
-    custom = (sampling_params or {}).get("custom_params") if isinstance(sampling_params, dict) else None
-    entry = custom.get(KEEP_KEY) if isinstance(custom, dict) else None
-    return entry.get("owner") if isinstance(entry, dict) else None
+def busy_pauses(wait_s: float = BUSY_WAIT_S):
+    """The pauses of a client that retries while the kept-KV budget is spent (429): from 0.2 s,
+    doubling up to 5 s, for as long as `wait_s` from this call allows; then none (the 429 is the
+    answer)."""
+    deadline = time.monotonic() + wait_s
+
+    def pauses(pause: float = 0.2):
+        while time.monotonic() + pause <= deadline:
+            yield pause
+            pause = min(2 * pause, 5.0)
+
+    return pauses()
 
 
 def release_rid(owner: str, rid: str) -> str:
@@ -329,29 +337,28 @@ class JoinRegistry:
         self.pending[id(req)] = req
         return None
 
-    def keep(self, req) -> None:
-        """Lock a finished keep request's radix-tree leaf (called right after SGLang checkpointed it)."""
+    def keep(self, req) -> dict | None:
+        """Lock a finished keep request's radix-tree leaf (called right after SGLang checkpointed it);
+        the source's owner, TTL and tokens for the response, None if it was not kept."""
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
         spec = getattr(req, "_sgl_keep", None)
         if (spec is None or isinstance(req.finished_reason, FINISH_ABORT) or self.refusal() is not None
                 or req.last_node is None):
-            return
+            return None
         tree = self.scheduler.tree_cache
         n = len(tree.path_device_indices(req.last_node))
         if n < len(req.origin_input_ids) + len(req.output_ids) - 1:
             logger.warning("sgl-merge: request %s is not kept: only %d of its tokens are in the radix cache",
                            req.rid, n)
-            return
+            return None
         self.drop((spec.owner, req.rid))
         source = KeptSource(
             rid=req.rid, owner=spec.owner, lock=tree.lock(req.last_node), node=req.last_node,
             tokens=array("q", req.full_untruncated_fill_ids[:n]), namespace=(req.extra_key, req.cache_salt),
             deadline=time.monotonic() + spec.ttl_s)
         self.kept[source.key] = source
-        from sgl_merge.runtime.sampling import KEEP_INFO_KEY, report
-
-        report(req, KEEP_INFO_KEY, {"owner": spec.owner, "ttl_s": spec.ttl_s, "kept_tokens": n})
+        return {"owner": spec.owner, "ttl_s": spec.ttl_s, "kept_tokens": n}
 
     def ended(self, req) -> None:
         """The one place a request lets go of what it holds here, however it ended: called when a

@@ -24,6 +24,7 @@ import torch
 
 from sgl_merge.kernels.merge_logits import merge_logits_, modes_of, pack_groups, to_device
 from sgl_merge.runtime.groups import member_spec
+from sgl_merge.runtime.join import KEEP_KEY
 
 logger = logging.getLogger("sgl_merge")
 
@@ -33,7 +34,6 @@ ATTR = "_sgl_merge_map"
 retracting = False
 AGREE_ATTR = "_sgl_merge_agree"
 INFO_KEY = "sgl_merge"
-KEEP_INFO_KEY = "sgl_merge_keep"  # a kept request's owner (runtime.join), reported the same way
 
 
 # Agreement counters: [slot, (agreed steps, merged steps)] int32 on the scheduler's device, one slot
@@ -269,7 +269,7 @@ def meta_info(original, manager, meta_info, state, customized_info, index, finis
     """AROUND TokenizerManager.update_request_meta_info: members get `meta_info["sgl_merge"]` as
     one object, the newest, and kept requests `meta_info["sgl_merge_keep"]`; requests without
     either get no key at all (their output stays unchanged)."""
-    for key in (INFO_KEY, KEEP_INFO_KEY):
+    for key in (INFO_KEY, KEEP_KEY):  # a kept request's owner (`JoinRegistry.keep`) comes the same way
         ours = customized_info.get(key) if customized_info else None
         if ours is not None:
             customized_info = {k: v for k, v in customized_info.items() if k != key}

@@ -27,12 +27,11 @@ import asyncio
 import copy
 import functools
 import secrets
-import time
 from dataclasses import dataclass
 from http import HTTPStatus
 
 from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
-from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS, release_rid
+from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS, busy_pauses, release_rid
 from sgl_merge.serving.think_merge import ThinkMergeError, integer_field, last_output, temperature_field
 
 FIELD = "parathink"
@@ -40,7 +39,6 @@ DEFAULTS = {"paths": None, "first": None, "thinking_budget": 4096, "thinking_tem
             "positions": "after_longest", "summary_prefix": None, "layout": "auto"}
 LAYOUTS = ("auto", "parathinker", "plain")
 SUMMARY_PREFIX = {"parathinker": "<summary>", "plain": "\n"}
-BUSY_WAIT_S = 300.0  # how long a path's keep waits out a spent kept-KV budget
 
 
 @dataclass(frozen=True)
@@ -131,17 +129,16 @@ def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[tup
 
 
 async def _keep(original, manager, raw_request, make_request) -> dict | None:
-    """Run one keep request; while the kept-KV budget is spent (429), wait and retry, backing off,
-    for up to BUSY_WAIT_S: the call's client is already waiting for its answer."""
-    deadline, pause = time.monotonic() + BUSY_WAIT_S, 0.2
+    """Run one keep request; while the kept-KV budget is spent (429), wait and retry (`busy_pauses`):
+    the call's client is already waiting for its answer."""
+    pauses = busy_pauses()
     while True:
         try:
             return await last_output(original(manager, make_request(), raw_request))
         except Exception as e:  # SGLang raises a non-stream abort as fastapi's HTTPException
-            if getattr(e, "status_code", None) != HTTPStatus.TOO_MANY_REQUESTS or time.monotonic() + pause > deadline:
+            if getattr(e, "status_code", None) != HTTPStatus.TOO_MANY_REQUESTS or (pause := next(pauses, None)) is None:
                 raise
         await asyncio.sleep(pause)
-        pause = min(2 * pause, 5.0)
 
 
 def summary_prefix(call) -> str:
