@@ -1,0 +1,1 @@
+"""Research agents: merged tool calls over real and local tools."""
