@@ -35,10 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's sgl_merge, installed or not
 
+from sgl_merge.contract.merge import MemberSpec  # noqa: E402
 from sgl_merge.kernels import merge_logits as K  # noqa: E402
 from sgl_merge.models.parathinker import SUMMARY, SegmentIds  # noqa: E402
 from sgl_merge.runtime import sampling  # noqa: E402
-from sgl_merge.runtime.spec import MemberSpec  # noqa: E402
 
 RESULTS: list[tuple[str, str, str]] = []  # (check, PASS / FAIL / SKIP, detail)
 

@@ -20,7 +20,7 @@ What it trains, on the same tasks (`chain` and `parts`, held-out questions skipp
   prompt and itself, the summary sees everything. Positions: every path starts at the prompt's
   length, the summary after the longest path ("after_longest", the runtime join's default).
   No path holds another control token; at inference no path samples one either
-  (`sgl_merge.models.parathinker.path_logit_bias`: without it, a stray `</think5>` in one of 8
+  (`sgl_merge.contract.parathink_layout.path_logit_bias`: without it, a stray `</think5>` in one of 8
   paths took the demo's chain summary@8 from 39 to 20 of 40 right).
 
 Reproducible from `--seed` and `--steps` (`--minutes` is a safety cap); the base must be a plain
@@ -50,12 +50,12 @@ import torch
 from torch import nn
 
 import train_tiny_reasoner as base
-from sgl_merge.models.parathinker import SEG_WEIGHT, control_tokens
-from sgl_merge.tiny_models import THINK_CLOSE, THINK_OPEN
+from sgl_merge.contract.parathink_layout import SUMMARY_CLOSE, SUMMARY_OPEN, THINK_CLOSE, THINK_OPEN, control_tokens
+from sgl_merge.models.parathinker import SEG_WEIGHT
 from sgl_merge.tiny_reasoner import parts, task
 
 PATHS = 8
-CONTROLS = [t for t in control_tokens(PATHS) if t != "<summary>"] + ["<summary>", "</summary>"]
+CONTROLS = [t for t in control_tokens(PATHS) if t != SUMMARY_OPEN] + [SUMMARY_OPEN, SUMMARY_CLOSE]
 LINE = re.compile(r"^([A-Z]?)(\d+):(\d)([+*-])(\d)=(\d)$")
 
 

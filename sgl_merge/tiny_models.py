@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from sgl_merge.contract.parathink_layout import SUMMARY_CLOSE, SUMMARY_OPEN, THINK_CLOSE, THINK_OPEN, control_tokens
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", THINK_OPEN, THINK_CLOSE]
 
 CHAT_TEMPLATE = (
@@ -117,9 +117,7 @@ def build_tiny_parathinker(path: str | Path, *, paths: int = 4, seed: int = 0, i
     import torch
     from safetensors.torch import load_file, save_file
 
-    from sgl_merge.models.parathinker import control_tokens
-
-    controls = [t for t in control_tokens(paths) if t != "<summary>"] + ["<summary>", "</summary>"]
+    controls = [t for t in control_tokens(paths) if t != SUMMARY_OPEN] + [SUMMARY_OPEN, SUMMARY_CLOSE]
     path = build_tiny_model(path, seed=seed, init_std=init_std, extra_special_tokens=controls)
     config = json.loads((path / "config.json").read_text())
     config["max_segments"] = paths + 1

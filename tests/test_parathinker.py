@@ -9,7 +9,7 @@ import requests
 
 from conftest import TEST_SERVER_FLAGS
 from merge_reference import ParaThinkerReference, check_joined_greedy, check_merged_greedy
-from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
+from sgl_merge.contract.parathink_layout import find_control_ids, path_logit_bias, summary_logit_bias
 from sgl_merge.testing import ServeProcess, build_tiny_parathinker, free_port
 
 PROMPT = [5, 17, 33, 40, 41]

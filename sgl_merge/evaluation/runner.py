@@ -41,9 +41,12 @@ from pathlib import Path
 import requests
 
 from sgl_merge import confidence
+from sgl_merge.contract.join import JOIN_KEY, KEEP_KEY
+from sgl_merge.contract.merge import KEY
+from sgl_merge.contract.parathink_layout import (SUMMARY_OPEN, SUMMARY_PREFIX, THINK_CLOSE, THINK_OPEN, find_control_ids,
+                                                 has_layout, path_ids, path_logit_bias, summary_logit_bias)
 from sgl_merge.evaluation.scoring import correct, vote_key
 from sgl_merge.frontend.merge import ServerClient, api_key_message, majority
-from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
 
 METHODS = ("single", "vote", "merge", "parathink")
 # merge@k's variants: which rows to run, and the record key / row name of each.
@@ -97,18 +100,19 @@ class Server:
         self.url = url.rstrip("/")
         self.http = ServerClient(self.url, api_key)  # the frontend's transport: the key, 429s waited out
         self.api_key = api_key
-        self.open_ids = self.tokenize("<think>")
-        close = self.tokenize("</think>")
+        self.open_ids = self.tokenize(THINK_OPEN)
+        close = self.tokenize(THINK_CLOSE)
         if len(self.open_ids) != 1 or len(close) != 1:
             raise EvalError(f"the model at {self.url} has no single <think> / </think> tokens; "
                             "the evaluation needs a thinking model")
         self.close_id = close[0]
-        self.think_prefix = self.tokenize("<think>\n")
+        self.think_prefix = self.tokenize(THINK_OPEN + "\n")
         # ParaThinker's layout, where the model has it: numbered paths, a `<summary>` after them;
         # else parathink's answer follows the plain traces as it follows </think>.
-        self.controls = find_control_ids(self._single) if self._single("<think1>") is not None else {}
-        self.numbered_paths = "<think1>" in self.controls and "<summary>" in self.controls
-        self.summary_prefix = [self.controls["<summary>"]] if self.numbered_paths else self.tokenize("\n")
+        self.controls = find_control_ids(self._single) if has_layout(self._single) else {}
+        self.numbered_paths = path_ids(self.controls, 1) is not None
+        self.summary_prefix = ([self.controls[SUMMARY_OPEN]] if self.numbered_paths
+                               else self.tokenize(SUMMARY_PREFIX["plain"]))
 
     def _single(self, text: str) -> int | None:
         ids = self.tokenize(text)
@@ -117,10 +121,11 @@ class Server:
     def path_delimiters(self, i: int) -> tuple[list[int], int]:
         """A ParaThinker's path i (from 1): the ids of `<think{i}>` (the model writes what follows, as
         in the frontend's `sgl_merge.parathink`) and of `</think{i}>`."""
-        if f"</think{i}>" not in self.controls:
+        ids = path_ids(self.controls, i)
+        if ids is None:
             raise EvalError(f"the model at {self.url} has no single </think{i}> token: its ParaThinker layout has "
                             f"fewer than {i} paths; pass a smaller --k")
-        return [self.controls[f"<think{i}>"]], self.controls[f"</think{i}>"]
+        return [ids[0]], ids[1]
 
     def post(self, path: str, body: dict):
         try:
@@ -195,7 +200,7 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
     for _, _, members, weights in groups:
         entry = {"group": uuid.uuid4().hex, "size": len(members), "mode": cfg.mode}
         inputs += [contexts[i] for i in members]
-        params += [{**answer, "custom_params": {"sgl_merge": {**entry, "weight": w}}} for w in weights]
+        params += [{**answer, "custom_params": {KEY: {**entry, "weight": w}}} for w in weights]
     outs = server.generate(inputs, params)
     if {"single", "vote"} & set(cfg.methods):
         own, outs = outs[:n], outs[n:]
@@ -233,11 +238,11 @@ def _parathink(server: Server, cfg: EvalConfig, problem: dict, contexts: list[li
     tag = uuid.uuid4().hex[:12]
     rids = [f"eval-{tag}-{i}" for i in range(len(contexts))]
     owner = secrets.token_urlsafe(18)
-    keep = {"max_new_tokens": 0, "custom_params": {"sgl_merge_keep": {"owner": owner}}}
+    keep = {"max_new_tokens": 0, "custom_params": {KEEP_KEY: {"owner": owner}}}
     server.post("/generate", {"input_ids": contexts, "rid": rids, "sampling_params": [keep] * len(contexts)})
     try:
         ks = sorted(cfg.ks)
-        params = [{**answer, "custom_params": {"sgl_merge_join": {
+        params = [{**answer, "custom_params": {JOIN_KEY: {
             "sources": rids[:k], "owner": owner, "prompt_len": prompt_len, "release_sources": False}}} for k in ks]
         outs = server.generate([server.summary_prefix] * len(ks), params)
     finally:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint as _SGLangRuntimeEndpoint
 
+from sgl_merge.contract.join import JOIN_KEY, KEEP_KEY, POSITIONS
 from sgl_merge.frontend.merge import MergeError, _ensure, ServerClient
-from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS
 
 DEFAULT_KEEP_TTL_S = 600.0
 

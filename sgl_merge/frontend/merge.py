@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import requests
 
 from sgl_merge import confidence
-from sgl_merge.runtime.join import busy_pauses
+from sgl_merge.contract.join import busy_pauses
+from sgl_merge.contract.parathink_layout import THINK_CLOSE, THINK_OPEN
 
-DEFAULT_OPEN = "<think>"
-DEFAULT_CLOSE = "</think>"
+DEFAULT_OPEN, DEFAULT_CLOSE = THINK_OPEN, THINK_CLOSE  # a trace's delimiters, unless a call gives its own
 _SAMPLING_ARGS = ("max_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
                   "frequency_penalty", "presence_penalty", "ignore_eos", "regex", "json_schema")
 _checked_urls: set[tuple[str, str | None]] = set()  # (URL, API key) pairs checked

@@ -33,20 +33,27 @@ from sgl_merge.frontend.merge import (
     _tokenize,
     trace_counts,
 )
-from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
-from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS
+from sgl_merge.contract.join import JOIN_KEY, KEEP_KEY, POSITIONS
+from sgl_merge.contract.parathink_layout import (PATH_CLOSE, PATH_OPEN, SUMMARY_PREFIX, find_control_ids, has_layout,
+                                                 path_logit_bias, summary_logit_bias)
 
 _controls: dict[str, dict[str, int]] = {}  # URL -> its model's ParaThinker control tokens, asked once
+
+
+def _single(server: ServerClient, key: str):
+    """The server's `single` (`sgl_merge.contract.parathink_layout`): the id of a text that is one
+    token, else None."""
+    def single(text):
+        ids = _tokenize(server, text, key)
+        return ids[0] if len(ids) == 1 else None
+
+    return single
 
 
 def _control_ids(server: ServerClient, key: str) -> dict[str, int]:
     """The server's ParaThinker control tokens (text -> id), so that no path samples another's."""
     if server.url not in _controls:
-        def single(text):
-            ids = _tokenize(server, text, key)
-            return ids[0] if len(ids) == 1 else None
-
-        _controls[server.url] = find_control_ids(single)
+        _controls[server.url] = find_control_ids(_single(server, key))
     return _controls[server.url]
 
 
@@ -87,11 +94,11 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     _ensure(server)
     key = uuid.uuid4().hex  # one routing key: the paths and the summary share a worker's cache
     if think_open is None or summary_prefix is None:
-        layout = all(len(_tokenize(server, t, key)) == 1 for t in ("<think1>", "<summary>"))
+        layout = has_layout(_single(server, key))
         if think_open is None:
-            think_open, think_close = ("<think{i}>", "</think{i}>") if layout else (DEFAULT_OPEN, DEFAULT_CLOSE)
+            think_open, think_close = (PATH_OPEN, PATH_CLOSE) if layout else (DEFAULT_OPEN, DEFAULT_CLOSE)
         if summary_prefix is None:
-            summary_prefix = "<summary>" if layout and "{i}" in think_open else "\n"
+            summary_prefix = SUMMARY_PREFIX["parathinker" if layout and "{i}" in think_open else "plain"]
     prompt_ids = _context(server, ex, key)
     numbered = "{i}" in think_open
     extra = None

@@ -11,7 +11,8 @@ control tokens it contains (the authors' ids are per stage: a `<think2>` or `</t
 a summary does not move it into a path). So the same tokens always get the same KV, and SGLang's
 radix cache stays sound without any namespace. Paths are plain requests from prompt + `<thinkN>` (their positions
 start at the prompt's length, as the method wants); the summary is a KV join of the paths
-(`sgl_merge.runtime.join`, positions "after_longest": after the prompt and the longest path).
+(`sgl_merge.runtime.join`, positions "after_longest": after the prompt and the longest path). The
+control tokens, and how requests are laid out with them, are `sgl_merge.contract.parathink_layout`.
 
 Segment ids are computed on the device from the step's input ids and a per-request-row state (the
 segment the row's sequence ended in, or "in the summary"), without host synchronisation, in
@@ -37,66 +38,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from sgl_merge.contract.parathink_layout import DEFAULT_MAX_SEGMENTS, SUMMARY_OPEN, control_tokens, opens_segment
+
 logger = logging.getLogger("sgl_merge")
 
-DEFAULT_MAX_SEGMENTS = 32  # the authors' default
 SEG_WEIGHT = "seg_embeddings"
 MAX_ROWS = 1 << 16  # request-pool rows the segment state covers (SGLang's pool is max running requests + a few)
 MIN_TOKENS = 1 << 17  # the least tokens of one forward the segment-id buffer holds (int32: 512 KiB)
 SUMMARY = 1 << 20  # the state inside a summary (above every segment): segment 0, whatever control tokens follow
-
-
-def control_tokens(max_paths: int) -> dict[str, int]:
-    """Control token text -> the segment it is in (`<thinkN>` also puts what follows it there,
-    `<summary>` puts the rest of the sequence in segment 0; `</thinkN>` only itself, see
-    `opens_segment`)."""
-    tokens = {"<summary>": 0}
-    for n in range(1, max_paths + 1):
-        tokens[f"<think{n}>"] = n
-        tokens[f"</think{n}>"] = n
-    return tokens
-
-
-STRAY_BIAS = -1e4  # logit bias that keeps a control token out of a stage
-
-
-def path_logit_bias(control_ids: dict[str, int], path: int) -> dict[str, float]:
-    """SGLang `logit_bias` for sampling path `path` (from 1): every control token but the path's own
-    `</think{path}>` made unsampleable, plain `<think>` / `</think>` included. A stray `</think5>`
-    or `<summary>` sampled inside path 7 (the control tokens' embeddings sit close together in a
-    small model) puts the path off the layout its summary was trained on; the authors' vLLM rewrites
-    such tokens, this never samples them. `control_ids`: control token text -> id, for those the
-    tokenizer has (`find_control_ids`)."""
-    return stage_logit_bias(control_ids, f"</think{path}>")
-
-
-def summary_logit_bias(control_ids: dict[str, int]) -> dict[str, float]:
-    """SGLang `logit_bias` for sampling a summary: no control token but `</summary>` (a `<think3>`
-    in a summary opens no path; it is segment 0 like the rest of the summary, but off the layout)."""
-    return stage_logit_bias(control_ids, "</summary>")
-
-
-def stage_logit_bias(control_ids: dict[str, int], allowed: str) -> dict[str, float]:
-    """Every control token but `allowed` made unsampleable."""
-    return {str(i): STRAY_BIAS for text, i in control_ids.items() if text != allowed}
-
-
-def find_control_ids(single) -> dict[str, int]:
-    """The control tokens a tokenizer has, text -> id: `<summary>`, `</summary>`, plain `<think>` /
-    `</think>` and `<thinkN>` / `</thinkN>` for N = 1, 2, ... while both exist. `single(text)`: the
-    id of `text` where it is one token, else None (a tokenizer, or a server's /tokenize)."""
-    ids = {text: i for text in ("<summary>", "</summary>", "<think>", "</think>") if (i := single(text)) is not None}
-    for n in range(1, DEFAULT_MAX_SEGMENTS + 1):
-        pair = {text: single(text) for text in (f"<think{n}>", f"</think{n}>")}
-        if None in pair.values():
-            break
-        ids.update(pair)
-    return ids
-
-
-def opens_segment(text: str) -> bool:
-    """Whether a control token sets the segment of the tokens after it (not a `</thinkN>`)."""
-    return not text.startswith("</")
 
 
 def _weight_names(model_path: Path) -> list[str]:
@@ -261,7 +210,7 @@ def _control_ids(config, max_paths: int) -> tuple[dict[int, int], dict[int, int]
     if not found:
         logger.warning("sgl-merge: ParaThinker checkpoint without <thinkN> / <summary> tokens in its tokenizer: "
                        "every token is in segment 0")
-    opening = {i: (SUMMARY if text == "<summary>" else seg) for text, (i, seg) in found.items() if opens_segment(text)}
+    opening = {i: (SUMMARY if text == SUMMARY_OPEN else seg) for text, (i, seg) in found.items() if opens_segment(text)}
     return opening, {i: seg for text, (i, seg) in found.items() if not opens_segment(text)}
 
 

@@ -24,8 +24,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from sgl_merge.contract.merge import MemberSpec, first_mismatch, sampling_signature
 from sgl_merge.envs import seconds
-from sgl_merge.runtime.spec import MemberSpec, first_mismatch, sampling_signature
 
 logger = logging.getLogger("sgl_merge")
 

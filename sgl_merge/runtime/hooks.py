@@ -1,8 +1,9 @@
 """The hook functions the plugin registers on SGLang 0.5.23, and where each one goes.
 
 Each entry of `HOOKS` names an SGLang function, how it is wrapped, and the sgl-merge function that
-does the work (in `groups` for scheduling, `sampling` for the sampling step, `spec` for input
-validation). Everything a request without `sgl_merge` touches returns to SGLang's own code at once.
+does the work (in `groups` for scheduling, `sampling` for the sampling step, `join` for the KV
+join; the request fields are parsed and validated by `sgl_merge.contract`). Everything a request
+without `sgl_merge` touches returns to SGLang's own code at once.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import zlib
 from array import array
 from http import HTTPStatus
 
+from sgl_merge.contract.join import KEEP_KEY, parse_join, parse_keep
+from sgl_merge.contract.merge import KEY, PREFIX, MergeSpecError, expand_shared_weights, parse_member_spec
 from sgl_merge.runtime import join, sampling
 from sgl_merge.runtime.groups import PROTECTED, GroupRegistry, member_spec
-from sgl_merge.runtime.spec import KEY, MergeSpecError, expand_shared_weights, parse_member_spec
 
 logger = logging.getLogger("sgl_merge")
 
@@ -50,8 +52,8 @@ def verify_request(result, params, vocab_size):
     spec = parse_member_spec(params.custom_params)
     join.verify(params)
     if spec is not None and params.beam_width not in (None, 1):
-        raise MergeSpecError("sampling_params.beam_width cannot be combined with "
-                             "sampling_params.custom_params.sgl_merge: beam search cannot keep members in lockstep")
+        raise MergeSpecError("sampling_params.beam_width", "sampling_params.beam_width cannot be combined with "
+                             f"{PREFIX}: beam search cannot keep members in lockstep")
     return result
 
 
@@ -107,14 +109,14 @@ def record_requested_max_new(original, scheduler, req):
     params = req.sampling_params.custom_params
     if not isinstance(params, dict) or req.to_finish is not None or req.finished_reason is not None:
         return original(scheduler, req)
-    if (spec := join.parse_join(params)) is not None:
+    if (spec := parse_join(params)) is not None:
         plan = joins(scheduler).plan(req, spec)
         if isinstance(plan, str):
             join.refuse(req, plan)
         else:
             joins(scheduler).attach(req, plan)
     out = original(scheduler, req)
-    if (keep := join.parse_keep(params)) is not None and req.to_finish is None and req.finished_reason is None:
+    if (keep := parse_keep(params)) is not None and req.to_finish is None and req.finished_reason is None:
         if (why := joins(scheduler).admit_keep(req, keep)) is not None:
             join.refuse(req, why, HTTPStatus.TOO_MANY_REQUESTS)
     return out
@@ -204,7 +206,7 @@ def release_kv(original, req, tree_cache, *, checkpoint):
     out = original(req, tree_cache, checkpoint=checkpoint)
     if _joins is not None and req.finished():
         if checkpoint and (kept := _joins.keep(req)) is not None:
-            sampling.report(req, join.KEEP_KEY, kept)  # the owner, for the keep's response
+            sampling.report(req, KEEP_KEY, kept)  # the owner, for the keep's response
         _joins.ended(req)
     return out
 

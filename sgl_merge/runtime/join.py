@@ -1,25 +1,7 @@
-"""The KV join: a request that starts from the concatenated KV of earlier sequences.
-
-Two request fields (`sampling_params.custom_params`):
-
-    "sgl_merge_keep": true | {"ttl_s": 300, "owner": "<secret>"}
-        When this request finishes, keep its KV (prompt + output, all but the last sampled
-        token, which never went through the model) locked in the radix cache for a later join,
-        until a join releases it or `ttl_s` seconds pass. The source belongs to `owner`: only a
-        join or a release that presents it can use the source. Without one the server makes one
-        up and answers it as `meta_info["sgl_merge_keep"]["owner"]` (one per /generate call).
-
-    "sgl_merge_join": {"sources": ["rid-a", "rid-b", ...], "owner": "<secret>" | ["<secret>", ...],
-                       "prompt_len": P, "positions": "after_longest" | "sequential",
-                       "release_sources": true}
-        This request's input is the continuation only. It runs after
-        prompt(P tokens, shared by all sources) + part_1 + ... + part_n, where part_i is source
-        i's kept tokens from P on, read from the sources' KV as it is: nothing is copied or
-        recomputed, only the continuation is prefilled. Positions of the continuation start at
-        P + the longest part ("after_longest", ParaThinker's convention) or at P + the sum of the
-        parts ("sequential", what one sequence of that length would get). P defaults to the
-        sources' longest common prefix (with one source: its whole length). `owner` is each
-        source's owner (one string for all).
+"""The KV join in the scheduler: a request that starts from the concatenated KV of earlier
+sequences. Its two request fields, `sgl_merge_keep` (keep this request's KV for a later join) and
+`sgl_merge_join` (run after prompt + the sources' parts), and their parsing are
+`sgl_merge.contract.join`.
 
 Why it is exact and leaves the cache sound: each part's KV was computed attending to the prompt
 and that part only, which is the join's definition; the joined sequence is no sequential
@@ -53,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 import time
 import weakref
@@ -61,117 +42,22 @@ from array import array
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from sgl_merge.contract.join import (JOIN_PREFIX, KEEP_KEY, KEEP_PREFIX, MAX_SOURCES, JoinSpec, KeepSpec, parse_join,
+                                     parse_keep)
+from sgl_merge.contract.merge import MergeSpecError
 from sgl_merge.envs import count
-from sgl_merge.runtime.spec import KEY as MERGE_KEY, MergeSpecError
 
 logger = logging.getLogger("sgl_merge")
 
-KEEP_KEY = "sgl_merge_keep"
-JOIN_KEY = "sgl_merge_join"
-KEEP_PREFIX = f"sampling_params.custom_params.{KEEP_KEY}"
-JOIN_PREFIX = f"sampling_params.custom_params.{JOIN_KEY}"
-POSITIONS = ("after_longest", "sequential")
-KEEP_FIELDS = ("ttl_s", "owner")
-JOIN_FIELDS = ("sources", "owner", "prompt_len", "positions", "release_sources")
-DEFAULT_TTL_S = 300.0
-MAX_TTL_S = 24 * 3600.0
-MAX_SOURCES = 256
-MAX_OWNER_LEN = 256
 RELEASE_RID = "sgl-merge-release:"  # aborts aimed at a kept source (expiry, /sgl_merge/release), not at a request
 MAX_TOKENS_ENV = "SGLANG_MERGE_KEEP_MAX_TOKENS"
 MAX_PER_OWNER_ENV = "SGLANG_MERGE_KEEP_MAX_PER_OWNER"
 DEFAULT_MAX_PER_OWNER = MAX_SOURCES  # one owner can always keep what one join reads
-BUSY_WAIT_S = 300.0  # how long sgl-merge's own clients wait out a spent kept-KV budget (429s)
 OWNER_HINT = (f"present the owner it was kept under ({JOIN_PREFIX}.owner: the {KEEP_KEY}.owner you sent, or "
               f"meta_info.{KEEP_KEY}.owner of the keep's response)")
 
 
-# ------------------------------------------------------------------ the request contract
-
-
-@dataclass(frozen=True)
-class KeepSpec:
-    ttl_s: float = DEFAULT_TTL_S
-    owner: str | None = None  # None until the tokenizer process makes one up
-
-
-@dataclass(frozen=True)
-class JoinSpec:
-    sources: tuple[str, ...]
-    owners: tuple[str | None, ...] = ()  # one per source
-    prompt_len: int | None = None
-    positions: str = "after_longest"
-    release_sources: bool = True
-
-
-def _owner(value, where: str) -> str:
-    if isinstance(value, str) and 0 < len(value) <= MAX_OWNER_LEN:
-        return value
-    raise MergeSpecError(f"{where} must be a non-empty string of at most {MAX_OWNER_LEN} characters (a secret "
-                         f"only the keeping client knows), got {value!r}")
-
-
-def parse_keep(custom_params) -> KeepSpec | None:
-    """The request's KeepSpec, None if it does not ask to be kept; MergeSpecError if malformed."""
-    if not isinstance(custom_params, dict) or KEEP_KEY not in custom_params:
-        return None
-    entry = custom_params[KEEP_KEY]
-    if entry is True:
-        return KeepSpec()
-    if not isinstance(entry, dict) or not set(entry) <= set(KEEP_FIELDS):
-        raise MergeSpecError(f'{KEEP_PREFIX} must be true or {{"ttl_s": seconds, "owner": "<secret>"}}, got {entry!r}')
-    ttl = entry.get("ttl_s", DEFAULT_TTL_S)
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or not 0 < ttl <= MAX_TTL_S:
-        raise MergeSpecError(f"{KEEP_PREFIX}.ttl_s must be a number of seconds in (0, {MAX_TTL_S:g}], got {ttl!r}")
-    owner = entry.get("owner")
-    return KeepSpec(float(ttl), None if owner is None else _owner(owner, f"{KEEP_PREFIX}.owner"))
-
-
-def parse_owners(value, n: int, where: str) -> tuple[str | None, ...]:
-    """`owner` of a join or release: one string for all n sources, or a list of n."""
-    if value is None:
-        return (None,) * n
-    if isinstance(value, list):
-        if len(value) != n:
-            raise MergeSpecError(f"{where} must be one owner for all sources or a list of {n} (one per source), "
-                                 f"got a list of {len(value)}")
-        return tuple(_owner(v, f"{where}[{i}]") for i, v in enumerate(value))
-    return (_owner(value, where),) * n
-
-
-def parse_join(custom_params) -> JoinSpec | None:
-    """The request's JoinSpec, None if it does not ask for a join; MergeSpecError if malformed."""
-    if not isinstance(custom_params, dict) or JOIN_KEY not in custom_params:
-        return None
-    entry = custom_params[JOIN_KEY]
-    if not isinstance(entry, dict):
-        raise MergeSpecError(f'{JOIN_PREFIX} must be an object like {{"sources": ["<rid>", ...], "owner": "<secret>"}}, '
-                             f"got {type(entry).__name__}")
-    unknown = sorted(set(entry) - set(JOIN_FIELDS))
-    if unknown:
-        raise MergeSpecError(f"{JOIN_PREFIX} has unknown field(s) {unknown}; allowed: {list(JOIN_FIELDS)}")
-    sources = entry.get("sources")
-    if (not isinstance(sources, list) or not 1 <= len(sources) <= MAX_SOURCES
-            or not all(isinstance(s, str) and s for s in sources)):
-        raise MergeSpecError(f"{JOIN_PREFIX}.sources must be a list of 1 to {MAX_SOURCES} request ids (rids of "
-                             f"finished requests sent with {KEEP_KEY}), got {sources!r}")
-    if len(set(sources)) != len(sources):
-        raise MergeSpecError(f"{JOIN_PREFIX}.sources names a request twice: {sources!r}")
-    owners = parse_owners(entry.get("owner"), len(sources), f"{JOIN_PREFIX}.owner")
-    prompt_len = entry.get("prompt_len")
-    if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 0):
-        raise MergeSpecError(f"{JOIN_PREFIX}.prompt_len must be an integer >= 0 (tokens the sources share), "
-                             f"got {prompt_len!r}")
-    positions = entry.get("positions", "after_longest")
-    if positions not in POSITIONS:
-        raise MergeSpecError(f"{JOIN_PREFIX}.positions must be one of {list(POSITIONS)}, got {positions!r}")
-    release = entry.get("release_sources", True)
-    if not isinstance(release, bool):
-        raise MergeSpecError(f"{JOIN_PREFIX}.release_sources must be true or false, got {release!r}")
-    if MERGE_KEY in custom_params:
-        raise MergeSpecError(f"{JOIN_PREFIX} cannot be combined with custom_params.{MERGE_KEY} (yet): send the join "
-                             "as a plain request")
-    return JoinSpec(tuple(sources), owners, prompt_len, positions, release)
+# ------------------------------------------------------------------ the tokenizer process
 
 
 def verify(params) -> None:
@@ -184,22 +70,9 @@ def verify(params) -> None:
         params.custom_params[KEEP_KEY] = {**(entry if isinstance(entry, dict) else {}),
                                           "owner": secrets.token_urlsafe(18)}
     if parse_join(params.custom_params) is not None and (params.n or 1) > 1:
-        raise MergeSpecError(f"sampling_params.n = {params.n} cannot be combined with {JOIN_PREFIX}: send n join "
-                             "requests (each one a join of the same sources, with release_sources false)")
-
-
-def busy_pauses(wait_s: float = BUSY_WAIT_S):
-    """The pauses of a client that retries while the kept-KV budget is spent (429): from 0.2 s,
-    doubling up to 5 s, for as long as `wait_s` from this call allows; then none (the 429 is the
-    answer)."""
-    deadline = time.monotonic() + wait_s
-
-    def pauses(pause: float = 0.2):
-        while time.monotonic() + pause <= deadline:
-            yield pause
-            pause = min(2 * pause, 5.0)
-
-    return pauses()
+        raise MergeSpecError("sampling_params.n", f"sampling_params.n = {params.n} cannot be combined with "
+                             f"{JOIN_PREFIX}: send n join requests (each one a join of the same sources, with "
+                             "release_sources false)")
 
 
 def release_rid(owner: str, rid: str) -> str:

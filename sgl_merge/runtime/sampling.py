@@ -22,9 +22,9 @@ from http import HTTPStatus
 
 import torch
 
+from sgl_merge.contract.join import KEEP_KEY
 from sgl_merge.kernels.merge_logits import merge_logits_, modes_of, pack_groups, to_device
 from sgl_merge.runtime.groups import member_spec
-from sgl_merge.runtime.join import KEEP_KEY
 
 logger = logging.getLogger("sgl_merge")
 

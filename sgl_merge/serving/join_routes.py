@@ -21,8 +21,9 @@ import logging
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from sgl_merge.runtime.join import parse_owners, release_rid
-from sgl_merge.runtime.spec import MergeSpecError
+from sgl_merge.contract.join import parse_owners
+from sgl_merge.contract.merge import MergeSpecError
+from sgl_merge.runtime.join import release_rid
 
 logger = logging.getLogger("sgl_merge")
 

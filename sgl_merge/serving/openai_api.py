@@ -22,16 +22,13 @@ import json
 import time
 import uuid
 
+from sgl_merge.contract.think import FIELDS, PARATHINK, THINK_MERGE as FIELD, ThinkMergeError, parse
 from sgl_merge.envs import seconds
+from sgl_merge.serving.parathink import path_layout, summarize
 from sgl_merge.serving.routing import check_routing_key
-from sgl_merge.serving.parathink import FIELD as PARATHINK
-from sgl_merge.serving.parathink import parse_config as parse_parathink
-from sgl_merge.serving.parathink import path_layout
-from sgl_merge.serving.think_merge import (FIELD, ThinkMergeCall, ThinkMergeError, parse_config, run,
-                                           think_token_ids)
+from sgl_merge.serving.think_merge import ThinkMergeCall, merged_answer, run, think_token_ids
 
 EXTENSION = "sgl_merge"
-FIELDS = (FIELD, PARATHINK)
 # A stream that has sent nothing for this long gets a progress chunk: thinking can take minutes
 # before the first trace finishes, longer than proxies keep a silent connection open.
 HEARTBEAT_ENV = "SGLANG_MERGE_STREAM_HEARTBEAT"
@@ -120,7 +117,7 @@ async def _think_merge_entry(serving, raw_request) -> tuple[str | None, object]:
 async def _start_call(serving, request, field: str, entry) -> ThinkMergeCall:
     manager = serving.tokenizer_manager
     max_group = await _max_group_size(manager)
-    config = parse_config(entry, max_group) if field == FIELD else parse_parathink(entry, max_group)
+    config = parse(field, entry, max_group)
     width = "k" if field == FIELD else "paths"
     if (request.n or 1) > 1:
         raise ThinkMergeError("n", f"n={request.n} cannot be combined with {field}: a {field} call returns one "
@@ -142,7 +139,9 @@ async def _start_call(serving, request, field: str, entry) -> ThinkMergeCall:
         request.separate_reasoning = False  # the answer phase starts after </think>: nothing to separate
     rid = request.rid if isinstance(request.rid, str) and request.rid else f"thinkmerge-{uuid.uuid4().hex}"
     paths = None if field == FIELD else path_layout(manager.tokenizer, config, manager.server_args.model_path)
-    return ThinkMergeCall(config=config, rid=rid, model=request.model, close_id=delimiters[1], paths=paths)
+    answer = merged_answer if field == FIELD else summarize
+    return ThinkMergeCall(config=config, answer=answer, rid=rid, model=request.model, close_id=delimiters[1],
+                          paths=paths)
 
 
 async def _max_group_size(manager) -> int | None:

@@ -1,8 +1,6 @@
-"""The `parathink` request field of the OpenAI routes: parallel thinking, then one summary that
-reads every path's KV (the KV join), beside `think_merge` and with its conventions.
-
-    {"parathink": {"paths": 4, "first": null, "thinking_budget": 4096, "thinking_temperature": 0.6,
-                   "positions": "after_longest", "summary_prefix": null, "layout": "auto"}}
+"""What the server runs for a call with the `parathink` field of the OpenAI routes (the field and
+its config: `sgl_merge.contract.think`): parallel thinking, then one summary that reads every
+path's KV (the KV join), beside `think_merge` and with its conventions.
 
 The paths are the think_merge flow's traces (`sgl_merge.serving.think_merge`; `first` summarises
 once that many finished and aborts the rest), in one of two layouts:
@@ -27,69 +25,14 @@ import asyncio
 import copy
 import functools
 import secrets
-from dataclasses import dataclass
 from http import HTTPStatus
 
-from sgl_merge.models.parathinker import find_control_ids, path_logit_bias, summary_logit_bias
-from sgl_merge.runtime.join import JOIN_KEY, KEEP_KEY, POSITIONS, busy_pauses, release_rid
-from sgl_merge.serving.think_merge import ThinkMergeError, integer_field, last_output, temperature_field
-
-FIELD = "parathink"
-DEFAULTS = {"paths": None, "first": None, "thinking_budget": 4096, "thinking_temperature": 0.6,
-            "positions": "after_longest", "summary_prefix": None, "layout": "auto"}
-LAYOUTS = ("auto", "parathinker", "plain")
-SUMMARY_PREFIX = {"parathinker": "<summary>", "plain": "\n"}
-
-
-@dataclass(frozen=True)
-class ParaThinkConfig:
-    k: int  # paths launched
-    first: int | None = None
-    thinking_budget: int = 4096
-    thinking_temperature: float = 0.6
-    positions: str = "after_longest"
-    summary_prefix: str | None = None  # None: the layout's
-    layout: str = "auto"
-    needs_confidence = False
-    method = FIELD
-
-    @property
-    def merged(self) -> int:
-        """How many paths the summary reads: the first `first` to finish, else all."""
-        return self.first or self.k
-
-    def answer(self, original, manager, obj, raw_request, call, traces: list[dict], rids: list[str]):
-        """The answer after the paths: a summary joined over their KV."""
-        return summarize(original, manager, obj, raw_request, call, traces, rids)
-
-
-def parse_config(entry, max_group: int | None) -> ParaThinkConfig:
-    """The call's config; ThinkMergeError naming the field for anything malformed."""
-    if not isinstance(entry, dict):
-        raise ThinkMergeError(FIELD, f'{FIELD} must be an object like {{"paths": 4}}, got {type(entry).__name__}')
-    unknown = sorted(set(entry) - set(DEFAULTS))
-    if unknown:
-        raise ThinkMergeError(f"{FIELD}.{unknown[0]}", f"{FIELD} has unknown key(s) {unknown}; allowed: {list(DEFAULTS)}")
-    entry = {**DEFAULTS, **{key: value for key, value in entry.items() if value is not None}}
-    if entry["paths"] is None:
-        raise ThinkMergeError(f"{FIELD}.paths", f"{FIELD}.paths is required: the number of thinking paths")
-    paths = integer_field(entry, "paths", 1, None, FIELD)
-    if max_group is not None and paths > max_group:
-        raise ThinkMergeError(f"{FIELD}.paths", f"{FIELD}.paths is {paths}, but this server runs at most {max_group} "
-                              "requests at once (--max-running-requests)")
-    first = None if entry["first"] is None else integer_field(entry, "first", 1, paths, FIELD)
-    if entry["positions"] not in POSITIONS:
-        raise ThinkMergeError(f"{FIELD}.positions",
-                              f"{FIELD}.positions must be one of {list(POSITIONS)}, got {entry['positions']!r}")
-    prefix = entry["summary_prefix"]
-    if prefix is not None and (not isinstance(prefix, str) or not prefix):
-        raise ThinkMergeError(f"{FIELD}.summary_prefix", f"{FIELD}.summary_prefix must be a non-empty string (the "
-                              f"summary's first tokens, prefilled by the join), got {prefix!r}")
-    if entry["layout"] not in LAYOUTS:
-        raise ThinkMergeError(f"{FIELD}.layout", f"{FIELD}.layout must be one of {list(LAYOUTS)}, got {entry['layout']!r}")
-    return ParaThinkConfig(k=paths, first=first, thinking_budget=integer_field(entry, "thinking_budget", 1, None, FIELD),
-                           thinking_temperature=temperature_field(entry, FIELD), positions=entry["positions"],
-                           summary_prefix=prefix, layout=entry["layout"])
+from sgl_merge.contract.join import JOIN_KEY, KEEP_KEY, busy_pauses
+from sgl_merge.contract.parathink_layout import (PATH_CLOSE, PATH_OPEN, SUMMARY_OPEN, SUMMARY_PREFIX, find_control_ids,
+                                                 has_layout, path_logit_bias, summary_logit_bias)
+from sgl_merge.contract.think import PARATHINK, ParaThinkConfig, ThinkMergeError
+from sgl_merge.runtime.join import release_rid
+from sgl_merge.serving.think_merge import last_output
 
 
 def _single_token(tokenizer, text: str) -> int | None:
@@ -109,22 +52,22 @@ def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[tup
     for plain `<think>` traces: per `config.layout`, "auto" taking ParaThinker's where the tokenizer
     has `<think1>` and `<summary>` as tokens. A "parathinker" layout the tokenizer cannot give (too
     few numbered paths, or none) is a ThinkMergeError naming `parathink.layout` or `parathink.paths`."""
-    if config.layout == "plain" or (config.layout == "auto" and (_single_token(tokenizer, "<think1>") is None
-                                                                 or _single_token(tokenizer, "<summary>") is None)):
+    single = functools.partial(_single_token, tokenizer)
+    if config.layout == "plain" or (config.layout == "auto" and not has_layout(single)):
         return None
     controls = _control_ids(tokenizer)
     paths = []
     for i in range(1, config.k + 1):
-        close = _single_token(tokenizer, f"</think{i}>")
-        if _single_token(tokenizer, f"<think{i}>") is None or close is None:
-            if i == 1 or _single_token(tokenizer, "<summary>") is None:
-                raise ThinkMergeError(f"{FIELD}.layout", f'{FIELD}.layout is "parathinker", but the tokenizer of '
-                                      f"{model_path} has no <think1> / </think1> / <summary> tokens; use "
+        opening, close = PATH_OPEN.format(i=i), single(PATH_CLOSE.format(i=i))
+        if single(opening) is None or close is None:
+            if i == 1 or single(SUMMARY_OPEN) is None:
+                raise ThinkMergeError(f"{PARATHINK}.layout", f'{PARATHINK}.layout is "parathinker", but the tokenizer '
+                                      f"of {model_path} has no <think1> / </think1> / <summary> tokens; use "
                                       '"plain" (or "auto")')
-            raise ThinkMergeError(f"{FIELD}.paths", f"{FIELD}.paths is {config.k}, but {model_path} is a ParaThinker "
-                                  f"with {i - 1} numbered paths (no <think{i}> token); lower paths, or send "
-                                  'layout "plain"')
-        paths.append((f"<think{i}>", close, path_logit_bias(controls, i)))
+            raise ThinkMergeError(f"{PARATHINK}.paths", f"{PARATHINK}.paths is {config.k}, but {model_path} is a "
+                                  f"ParaThinker with {i - 1} numbered paths (no {opening} token); lower paths, or "
+                                  'send layout "plain"')
+        paths.append((opening, close, path_logit_bias(controls, i)))
     return paths
 
 
@@ -165,7 +108,7 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
             sent.append(rid)  # from here on released however this ends: it may be kept while we wait
             out = await _keep(original, manager, raw_request, keep)
             if out is None or (out["meta_info"].get("finish_reason") or {}).get("type") == "abort":
-                raise ValueError(f"{FIELD}: keeping path {len(sources)} for the summary failed: "
+                raise ValueError(f"{PARATHINK}: keeping path {len(sources)} for the summary failed: "
                                  f"{out and out['meta_info'].get('finish_reason')}")
             sources.append(rid)
         summary = copy.copy(obj)

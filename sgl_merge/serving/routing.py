@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from sgl_merge.contract.merge import KEY
 from sgl_merge.envs import flag
-from sgl_merge.runtime.spec import KEY
 
 ENV = "SGLANG_MERGE_REQUIRE_ROUTING_KEY"
 HEADER = "x-smg-routing-key"

@@ -1,8 +1,5 @@
-"""The `think_merge` request field, and the ThinkMerge flow the server runs for one such call.
-
-    {"think_merge": {"k": 4, "mode": "logits", "first": null, "thinking_budget": 4096,
-                     "thinking_temperature": 0.6, "weighting": "uniform", "keep": null,
-                     "confidence_window": null, "tau": null}}
+"""The ThinkMerge flow the server runs for one call with the `think_merge` field (the field and its
+config: `sgl_merge.contract.think`), and for a `parathink` call's traces (`sgl_merge.serving.parathink`).
 
 The flow stands in for the one generation an OpenAI route would run: k thinking traces from the
 route's prompt (opened with `<think>` unless the prompt already opens it, closed with `</think>` if
@@ -22,114 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sgl_merge import confidence
-from sgl_merge.runtime.spec import KEY, MODES
-
-FIELD = "think_merge"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-DEFAULTS = {"k": None, "mode": "logits", "first": None, "thinking_budget": 4096, "thinking_temperature": 0.6,
-            "weighting": "uniform", "keep": None, "confidence_window": None, "tau": None}
-WEIGHTINGS = ("uniform", "confidence")
-
-
-class ThinkMergeError(ValueError):
-    """Bad input for a think_merge call: a 400 whose message names the field `param`."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(frozen=True)
-class ThinkMergeConfig:
-    k: int
-    mode: str = "logits"
-    first: int | None = None
-    thinking_budget: int = 4096
-    thinking_temperature: float = 0.6
-    weighting: str = "uniform"
-    keep: int | None = None
-    confidence_window: int | None = None
-    tau: float | None = None
-    method = FIELD  # the request field this config came from
-
-    @property
-    def merged(self) -> int:
-        """How many traces finish thinking for the answer: the first `first` of the k, else all k
-        (of which `keep`, when given, answer)."""
-        return self.first or self.k
-
-    @property
-    def needs_confidence(self) -> bool:
-        return self.weighting == "confidence" or self.keep is not None
-
-    def answer(self, original, manager, obj, raw_request, call, traces: list[dict], rids: list[str]):
-        """The answer after the traces: one merge group over them (`merged_answer`). Each method's
-        config answers its own way (parathink's: a summary joined over the paths)."""
-        return merged_answer(original, manager, obj, raw_request, call, traces, rids)
-
-
-def integer_field(entry: dict, name: str, low: int, high: int | None = None, field: str = FIELD) -> int:
-    value = entry[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ThinkMergeError(f"{field}.{name}", f"{field}.{name} must be an integer {bound}, got {value!r}")
-    return value
-
-
-def temperature_field(entry: dict, field: str = FIELD) -> float:
-    value = entry["thinking_temperature"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ThinkMergeError(f"{field}.thinking_temperature",
-                              f"{field}.thinking_temperature must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-def parse_config(entry, max_group: int | None) -> ThinkMergeConfig:
-    """The call's config; ThinkMergeError naming the field for anything malformed. `max_group` is
-    the largest merge group the server can run (its --max-running-requests)."""
-    if not isinstance(entry, dict):
-        raise ThinkMergeError(FIELD, f'{FIELD} must be an object like {{"k": 4}}, got {type(entry).__name__}')
-    unknown = sorted(set(entry) - set(DEFAULTS))
-    if unknown:
-        raise ThinkMergeError(f"{FIELD}.{unknown[0]}",
-                              f"{FIELD} has unknown key(s) {unknown}; allowed: {list(DEFAULTS)}")
-    entry = {**DEFAULTS, **{key: value for key, value in entry.items() if value is not None}}
-    if entry["k"] is None:
-        raise ThinkMergeError(f"{FIELD}.k", f"{FIELD}.k is required: the number of thinking traces")
-    k = integer_field(entry, "k", 1)
-    if max_group is not None and k > max_group:
-        raise ThinkMergeError(f"{FIELD}.k", f"{FIELD}.k is {k}, but this server runs at most {max_group} requests "
-                              "at once (--max-running-requests); lower k or restart the server with a larger limit")
-    first = None if entry["first"] is None else integer_field(entry, "first", 1, k)
-    if entry["mode"] not in MODES:
-        raise ThinkMergeError(f"{FIELD}.mode", f"{FIELD}.mode must be one of {list(MODES)}, got {entry['mode']!r}")
-    temperature = temperature_field(entry)
-    if entry["weighting"] not in WEIGHTINGS:
-        raise ThinkMergeError(f"{FIELD}.weighting", f"{FIELD}.weighting must be one of {list(WEIGHTINGS)}, "
-                              f"got {entry['weighting']!r}")
-    keep = None if entry["keep"] is None else integer_field(entry, "keep", 1, first or k)
-    window = None if entry["confidence_window"] is None else integer_field(entry, "confidence_window", 1)
-    if window is not None and entry["weighting"] != "confidence" and keep is None:
-        raise ThinkMergeError(f"{FIELD}.confidence_window", f"{FIELD}.confidence_window only applies with "
-                              'weighting "confidence" or keep')
-    tau = entry["tau"]
-    if tau is not None:
-        if entry["mode"] != "entropy":
-            raise ThinkMergeError(f"{FIELD}.tau", f'{FIELD}.tau is the temperature of mode "entropy"; '
-                                  f"it has no effect with mode {entry['mode']!r}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-            raise ThinkMergeError(f"{FIELD}.tau", f"{FIELD}.tau must be a positive number, got {tau!r}")
-        tau = float(tau)
-    return ThinkMergeConfig(k=k, mode=entry["mode"], first=first,
-                            thinking_budget=integer_field(entry, "thinking_budget", 1),
-                            thinking_temperature=temperature, weighting=entry["weighting"], keep=keep,
-                            confidence_window=window, tau=tau)
+from sgl_merge.contract.merge import KEY
+from sgl_merge.contract.parathink_layout import THINK_CLOSE, THINK_OPEN
+from sgl_merge.contract.think import PARATHINK, ThinkMergeConfig
 
 
 def think_token_ids(tokenizer) -> tuple[int, int] | None:
@@ -148,6 +45,9 @@ class ThinkMergeCall:
     """One think_merge call: its config and what it has done so far, read by the response."""
 
     config: ThinkMergeConfig  # or a parathink call's ParaThinkConfig
+    # The answer after the traces, an async generator of outputs (`merged_answer`, or parathink's
+    # summary), called as answer(original, manager, obj, raw_request, call, traces, rids).
+    answer: Callable
     rid: str  # the leader's request id; also the merge group's id and the traces' rid prefix
     model: str
     close_id: int
@@ -178,7 +78,7 @@ class ThinkMergeCall:
 
     def summary(self) -> dict:
         """The `sgl_merge` extension field of the response."""
-        if self.method == "parathink":
+        if self.method == PARATHINK:
             return {"method": "parathink", "paths": self.config.k, "first": self.config.first,
                     "positions": self.config.positions, "layout": "parathinker" if self.paths else "plain", "trace_outcomes": self.outcomes,
                     "thinking_tokens": self.thinking_tokens, "answer_tokens": self.answer_tokens,
@@ -209,8 +109,8 @@ async def run(original, manager, obj, raw_request, call: ThinkMergeCall):
     rids: list[str] = []
     try:
         traces = await _think(original, manager, obj, raw_request, call, rids)
-        async with contextlib.aclosing(call.config.answer(original, manager, obj, raw_request, call, traces,
-                                                          rids)) as answer:
+        async with contextlib.aclosing(call.answer(original, manager, obj, raw_request, call, traces,
+                                                   rids)) as answer:
             async for out in answer:
                 yield _account(out, call)
     finally:
@@ -308,7 +208,7 @@ async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids
     if len(finished) < cfg.merged:
         raise ValueError(f"think_merge: only {len(finished)} of the {cfg.merged} thinking traces needed finished"
                          + (f": {errors[0]}" if errors else ""))
-    if call.method == "parathink":
+    if call.method == PARATHINK:
         call.merged_paths = sorted(finished)
         traces = [finished[i] for i in call.merged_paths]
     else:
