@@ -57,3 +57,41 @@ def test_no_import_cycles():
     for module in sorted(graph):
         visit(module, [])
     assert not cycles, cycles
+
+
+def _package(module: str) -> str:
+    """`sgl_merge.runtime.join` -> `sgl_merge.runtime`; a top-level module is its own package."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def test_the_contract_is_the_bottom_layer():
+    """`sgl_merge.contract` imports no other sgl_merge module: the runtime, serving, frontend and
+    evaluation import down into it, never the other way."""
+    graph = _imports()
+    up = {m: sorted(d for d in deps if not d.startswith("sgl_merge.contract"))
+          for m, deps in graph.items() if m.startswith("sgl_merge.contract")}
+    assert up and not any(up.values()), up
+
+
+def test_the_contract_imports_neither_torch_nor_sglang():
+    code = ("import sys, pkgutil, importlib, sgl_merge.contract as c\n"
+            "for m in pkgutil.iter_modules(c.__path__): importlib.import_module(f'sgl_merge.contract.{m.name}')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sglang') or "
+            "(m.startswith('sgl_merge.') and not m.startswith('sgl_merge.contract'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_private_name_crosses_a_package():
+    """A name starting with `_` is imported only inside its own package (the contract's helpers
+    stay the contract's)."""
+    files = {_module_name(f): f for f in PACKAGE.rglob("*.py") if "stand_in" not in f.parts}
+    crossing = []
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("sgl_merge."):
+                crossing += [f"{name} imports {node.module}.{a.name}" for a in node.names
+                             if a.name.startswith("_") and _package(node.module) != _package(name)]
+    assert not crossing, crossing
