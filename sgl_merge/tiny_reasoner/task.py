@@ -34,6 +34,8 @@ import json
 import random
 from pathlib import Path
 
+from sgl_merge.contract.parathink_layout import (PATH_CLOSE, PATH_OPEN, SUMMARY_CLOSE, SUMMARY_OPEN, THINK_CLOSE,
+                                                 THINK_OPEN)
 from sgl_merge.evaluation.scoring import last_boxed
 
 MODULUS = 10
@@ -139,7 +141,7 @@ def prompt_text(question: str) -> str:
 
 def completion_text(problem: dict) -> str:
     """The assistant's target text: thinking, then the boxed answer right after `</think>`."""
-    return f"<think>\n{problem['thinking']}\n</think>\n\\boxed{{{problem['answer']}}}<|im_end|>"
+    return f"{THINK_OPEN}\n{problem['thinking']}\n{THINK_CLOSE}\n\\boxed{{{problem['answer']}}}<|im_end|>"
 
 
 def training_text(problem: dict) -> str:
@@ -150,13 +152,14 @@ def training_text(problem: dict) -> str:
 def path_text(i: int, thinking: str) -> str:
     """Path i (from 1) in ParaThinker's layout, which the bundled model also answers in (prompt,
     then `<think1>`..`</think1>`, `<think2>`.., then the summary): its control tokens around the
-    thinking lines; `sgl_merge.models.parathinker` reads a token's segment from them."""
-    return f"<think{i}>\n{thinking}\n</think{i}>"
+    thinking lines (`sgl_merge.contract.parathink_layout`); `sgl_merge.models.parathinker` reads a
+    token's segment from them."""
+    return f"{PATH_OPEN.format(i=i)}\n{thinking}\n{PATH_CLOSE.format(i=i)}"
 
 
 def summary_text(answer: str) -> str:
     """The summary after the paths: what a ParaThinker answers with."""
-    return f"<summary>\\boxed{{{answer}}}</summary><|im_end|>"
+    return f"{SUMMARY_OPEN}\\boxed{{{answer}}}{SUMMARY_CLOSE}<|im_end|>"
 
 
 def extract_answer(text: str) -> str | None:
