@@ -6,6 +6,10 @@
                                                 trace vs vote@k vs ThinkMerge@k, table and plot
     sgl-merge eval --dataset FILE.jsonl [--url URL | --model-path DIR] [--task math|code]
                                                 the same comparison on your model and data
+    sgl-merge research "QUESTION" --url URL [--k K] [--search local|searxng|ddgs|serper|none] [--mcp SPEC]
+                                                a research agent whose tool calls and answer are
+                                                merged over K branches; prints its steps, writes
+                                                trace.json
 """
 
 from __future__ import annotations
@@ -96,7 +100,13 @@ def evaluate(argv: list[str]) -> int:
     return run_eval(argv)
 
 
-COMMANDS = {"serve": serve, "demo": demo, "eval": evaluate}
+def research(argv: list[str]) -> int:
+    from sgl_merge.research.command import research as run_research
+
+    return run_research(argv)
+
+
+COMMANDS = {"serve": serve, "demo": demo, "eval": evaluate, "research": research}
 
 # SIGTERM (timeout, CI runners, job schedulers, kill) and SIGHUP (a closed terminal or SSH session)
 # stop a command as Ctrl-C does; without this their default action would end the process before any

@@ -149,7 +149,7 @@ def _post(server: ServerClient, body: dict, key: str) -> list | dict:
     return r.json()
 
 
-def _tokenize(server: ServerClient, text: str, key: str, add_special_tokens: bool = False) -> list[int]:
+def tokenize(server: ServerClient, text: str, key: str, add_special_tokens: bool = False) -> list[int]:
     """The server's token ids for `text`: /tokenize, or where that is not served (the gateway) the
     prompt ids of a zero-token /generate, which also warms the routed worker's cache."""
     if server.url not in _without_tokenize:
@@ -201,8 +201,8 @@ def _context(server: ServerClient, executor, key: str) -> list[int]:
     known: _Known | None = getattr(executor, "_sgl_merge_known", None)
     if known is not None and executor.text_.startswith(known.text):
         rest = executor.text_[len(known.text):]
-        return known.ids + (_tokenize(server, rest, key) if rest else [])
-    return _tokenize(server, executor.text_, key, add_special_tokens=True)
+        return known.ids + (tokenize(server, rest, key) if rest else [])
+    return tokenize(server, executor.text_, key, add_special_tokens=True)
 
 
 def _append(executor, name: str, text: str, meta: dict, ids: list[int] | None = None) -> None:
@@ -270,17 +270,23 @@ def _prepare(forks, mode, weights, tau, return_logprob, sampling) -> _Merge:
         ex.sync()
         if ex.error_ is not None:
             raise MergeError(f"merge_gen: fork {i} failed before the merge: {ex.error_}")
-    entry = {"group": uuid.uuid4().hex, "size": len(states), "mode": mode}
+    key = _routing_key(executors)
+    contexts = [_context(server, ex, key) for ex in executors]
+    body = merge_body(contexts, _sampling(sampling), mode=mode, weights=weights, tau=tau)
+    body["return_logprob"] = return_logprob
+    return _Merge(server, executors, contexts, body, key)
+
+
+def merge_body(contexts: list[list[int]], sampling_params: dict, *, mode: str = "logits",
+               weights: list[float] | None = None, tau: float | None = None) -> dict:
+    """The /generate body of one merge group over `contexts` (token ids): one request with one shared
+    sampling_params, the shape SGLang's gateway sends whole to one worker."""
+    entry = {"group": uuid.uuid4().hex, "size": len(contexts), "mode": mode}
     if weights is not None:
         entry["weights"] = list(weights)
     if tau is not None:
         entry["tau"] = tau
-    key = _routing_key(executors)
-    contexts = [_context(server, ex, key) for ex in executors]
-    # One request, one shared sampling_params: the shape SGLang's gateway sends whole to one worker.
-    body = {"input_ids": contexts, "sampling_params": {**_sampling(sampling), "custom_params": {"sgl_merge": entry}},
-            "return_logprob": return_logprob}
-    return _Merge(server, executors, contexts, body, key)
+    return {"input_ids": contexts, "sampling_params": {**sampling_params, "custom_params": {"sgl_merge": entry}}}
 
 
 def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
@@ -372,7 +378,7 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
         ex.sync()
     key = uuid.uuid4().hex  # one routing key for the call: its traces and merge share a worker's cache
     prompt_ids = _context(server, ex, key)
-    close_ids = _tokenize(server, think_close, key)
+    close_ids = tokenize(server, think_close, key)
     traces, outcome, launched = _think(server, key, [prompt_ids] * n, k, thinking_budget, thinking_temperature,
                                        [(think_close, close_ids)] * n)
     generated = [list(t["output_ids"]) for t in traces]  # what confidence scores: not a closing </think>

@@ -30,7 +30,7 @@ from sgl_merge.frontend.merge import (
     _sampling,
     ServerClient,
     _think,
-    _tokenize,
+    tokenize,
     trace_counts,
 )
 from sgl_merge.contract.join import JOIN_KEY, KEEP_KEY, POSITIONS
@@ -44,7 +44,7 @@ def _single(server: ServerClient, key: str):
     """The server's `single` (`sgl_merge.contract.parathink_layout`): the id of a text that is one
     token, else None."""
     def single(text):
-        ids = _tokenize(server, text, key)
+        ids = tokenize(server, text, key)
         return ids[0] if len(ids) == 1 else None
 
     return single
@@ -111,8 +111,8 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     else:
         opened = ex.text_.rstrip().endswith(think_open)
         opens, closes = ["" if opened else think_open + "\n"] * n, [think_close] * n
-    open_ids = [_tokenize(server, o, key) if o else [] for o in opens]
-    close_ids = [_tokenize(server, c, key) for c in closes]
+    open_ids = [tokenize(server, o, key) if o else [] for o in opens]
+    close_ids = [tokenize(server, c, key) for c in closes]
     traces, outcome, launched = _think(server, key, [prompt_ids + o for o in open_ids], k, thinking_budget,
                                        thinking_temperature, list(zip(closes, close_ids)), extra)
     path_ids, texts = [], []
@@ -135,7 +135,7 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
             _post(server, {"input_ids": prompt_ids + ids, "rid": rid,
                         "sampling_params": {"max_new_tokens": 0, "custom_params": {KEEP_KEY: {"owner": owner}}}}, key)
             sources.append(rid)
-        continuation = _tokenize(server, summary_prefix, key)
+        continuation = tokenize(server, summary_prefix, key)
         join = {"sources": sources, "owner": owner, "prompt_len": len(prompt_ids), "positions": positions, "release_sources": True}
         sampling["custom_params"] = {**(sampling.get("custom_params") or {}), JOIN_KEY: join}
         out = _post(server, {"input_ids": continuation, "sampling_params": sampling}, key)

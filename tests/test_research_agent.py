@@ -1,0 +1,216 @@
+"""The research agent end to end on a real CPU server (the shared test server: a small random Qwen2
+model): merged decisions equal an independent reference (transformers' logits, averaged, masked by
+the same grammar with xgrammar), one shared history is prefilled once per step while K own histories
+are prefilled K times, tool failures become observations, and `sgl-merge research` runs as a user
+runs it (live progress, answer, sources, trace.json; configuration errors before the first step)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgl_merge.research.agent import AgentConfig, ResearchAgent
+from sgl_merge.research.command import build_toolset
+from sgl_merge.research.search import SearchTool
+from sgl_merge.research.tools import Tool, Toolset
+from sgl_merge.research.visit import VisitTool
+from tests.merge_reference import TIE_TOLERANCE, merge_rows, next_logits
+
+CORPUS = [
+    {"docid": "belor", "title": "Belor", "url": "https://wiki.example/belor",
+     "text": "Belor is a city. Belor was founded by Kamo Tesh."},
+    {"docid": "kamo", "title": "Kamo Tesh", "url": "https://wiki.example/kamo-tesh",
+     "text": "Kamo Tesh is a person. Kamo Tesh was born in Duvar."},
+    {"docid": "belar", "title": "Belar", "url": "https://wiki.example/belar",
+     "text": "Belar is a city. Belar was founded by Kamo Tash."},
+]
+SYSTEM = "Answer with tools.\n<tools>\n{tools}\n</tools>\nDate: {date}"
+QUESTION = "Where was the founder of Belor born?"
+
+
+class ShortSearch(SearchTool):
+    """The search tool with short queries, so a random model's merged call closes within its budget."""
+
+    def __init__(self, backend, top_k):
+        super().__init__(backend, top_k)
+        self.parameters = {"type": "object", "required": ["query"], "properties": {
+            "query": {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "maxLength": 8}}}}
+
+
+class ShortVisit(VisitTool):
+    parameters = {"type": "object", "properties": {
+        "url": {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "maxLength": 30}},
+        "goal": {"type": "string", "maxLength": 8}}, "required": ["url", "goal"]}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in CORPUS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toolset(corpus):
+    backend = build_toolset("local", corpus=str(corpus)).tools["search"].backend
+    yield Toolset([ShortSearch(backend, top_k=2), ShortVisit(backend, max_chars=300)])
+
+
+def _agent(server, toolset, **config):
+    cfg = AgentConfig(**{"k": 3, "max_steps": 3, "think_tokens": 24, "call_tokens": 96, "answer_tokens": 12,
+                         "temperature": 0.8, "seed": 7, "system_prompt": SYSTEM, **config})
+    return ResearchAgent(server.url, toolset, cfg)
+
+
+# ------------------------------------------------------------------ merged decisions are exact
+
+
+def _grammar_reference(model, tokenizer, contexts, produced, grammar) -> None:
+    """Replay `produced` (a merged greedy decision) against transformers: at each step the K rows are
+    averaged (mode logits), masked by `grammar` (xgrammar, as the server compiles it), and the
+    produced token must be the argmax (or within TIE_TOLERANCE of it)."""
+    import xgrammar as xgr
+
+    vocab = model.config.vocab_size
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=[tokenizer.eos_token_id])
+    compiler = xgr.GrammarCompiler(info)
+    kind, text = grammar
+    compiled = (compiler.compile_regex(text) if kind == "regex"
+                else compiler.compile_json_schema(text, any_whitespace=False))
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    contexts = [list(c) for c in contexts]
+    for token in produced:
+        if matcher.is_terminated():
+            break
+        row = merge_rows(next_logits(model, contexts), "logits").float()[None]
+        matcher.fill_next_token_bitmask(bitmask)
+        xgr.apply_token_bitmask_inplace(row, bitmask)
+        best = row[0].argmax().item()
+        assert token == best or row[0, best] - row[0, token] < TIE_TOLERANCE, (token, best)
+        assert matcher.accept_token(token)
+        for c in contexts:
+            c.append(token)
+
+
+def test_merged_tool_call_equals_the_reference(server, toolset, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    agent = _agent(server, toolset, temperature=0.0, think_tokens=12, record_ids=True, min_calls=1, max_steps=2)
+    trace = agent.run(QUESTION)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    first = trace.steps[0]
+    assert first.action == "tool_call" and first.ids is not None
+    contexts = first.ids["contexts"]
+    _grammar_reference(model, tokenizer, contexts, first.ids["kind"], ("regex", "<tool_call>\n"))
+    after_kind = [c + first.ids["kind"] for c in contexts]
+    _grammar_reference(model, tokenizer, after_kind, first.ids["decision"], ("json", agent.schema))
+    # The call in the trace is exactly the merged tokens, and it ran.
+    call_ids = first.ids["decision"][:-1] if first.ids["decision"][-1] == tokenizer.eos_token_id else first.ids["decision"]
+    assert json.loads(tokenizer.decode(call_ids), strict=False) == first.call
+    assert first.call["name"] in ("search", "visit") and first.observation
+
+
+# ------------------------------------------------------------------ one shared history
+
+
+@pytest.mark.parametrize("k", [4])
+def test_shared_history_prefills_each_observation_once(server, toolset, k):
+    traces = {}
+    for history in ("shared", "own"):
+        agent = _agent(server, toolset, k=k, history=history, min_calls=3, max_steps=3)
+        traces[history] = agent.run(QUESTION)
+        assert [s.action for s in traces[history].steps] == ["tool_call", "tool_call", "answer"], history
+    shared, own = traces["shared"].steps, traces["own"].steps
+    for before, step in zip(shared, shared[1:]):
+        new = step.history_tokens - before.history_tokens  # the previous call and its observation
+        # At most once (the prefill before the K branches think; less where an earlier test's run left
+        # the same call in the cache), plus a few tokens per branch and request: the last prompt token
+        # SGLang always recomputes, each branch's thinking close.
+        assert step.prefilled_tokens <= new + k * 12, (new, step.prefilled_tokens)
+    for before, step in zip(own, own[1:]):
+        observation = step.history_tokens - before.history_tokens - before.thinking_tokens // k
+        assert step.prefilled_tokens >= k * observation // 2, (observation, step.prefilled_tokens)
+    later = sum(s.prefilled_tokens for s in shared[1:]), sum(s.prefilled_tokens for s in own[1:])
+    assert later[0] * 2 < later[1], later
+
+
+# ------------------------------------------------------------------ failures are observations
+
+
+class _Pages(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(404)
+        self.send_header("content-type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html><body>gone</body></html>")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failing_tool_is_an_observation_and_the_agent_goes_on(server, corpus):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Pages)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        tools = build_toolset("local", corpus=str(corpus))
+
+        class MissingPage(Tool):  # every call visits a page that is gone
+            name, parameters = "open_page", {"type": "object", "properties": {}, "additionalProperties": False}
+
+            def run(self, arguments):
+                return tools.tools["visit"].run({"url": [f"http://127.0.0.1:{httpd.server_port}/x"], "goal": "g"})
+
+        agent = _agent(server, Toolset([MissingPage()]), min_calls=2, max_steps=3)
+        trace = agent.run(QUESTION)
+    finally:
+        httpd.shutdown()
+    calls = [s for s in trace.steps if s.action == "tool_call"]
+    assert len(calls) == 2 and all(not s.observation_ok and "404" in s.observation for s in calls), \
+        [(s.call, s.observation) for s in calls]
+    assert trace.steps[-1].action == "answer" and trace.answer is not None
+
+
+# ------------------------------------------------------------------ the command
+
+
+def _research(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "sgl_merge.cli", "research", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_research_command_runs_and_writes_its_trace(server, corpus, tmp_path):
+    system = tmp_path / "system.txt"
+    system.write_text(SYSTEM)
+    r = _research(QUESTION, "--url", server.url, "--k", "2", "--search", "local", "--corpus", str(corpus),
+                  "--max-steps", "2", "--min-calls", "1", "--think-tokens", "16", "--answer-tokens", "8", "--page-chars", "200",
+                  "--system-prompt", str(system), "--seed", "3", "--out", str(tmp_path / "out"))
+    assert r.returncode in (0, 1), r.stderr
+    assert "step 1: thinking ..." in r.stdout and "step 2: thinking (must answer now) ..." in r.stdout
+    assert "branches agreed]\n    -> " in r.stdout and "trace: " in r.stdout
+    trace = json.loads((tmp_path / "out" / "trace.json").read_text())
+    assert trace["question"] == QUESTION and trace["k"] == 2 and len(trace["steps"]) <= 2
+    assert all(len(s["thinking"]) == 2 for s in trace["steps"])
+    assert trace["totals"]["steps"] == len(trace["steps"])
+    assert (r.returncode == 0) == (trace["answer"] is not None)
+    if trace["answer"] is not None:
+        assert f"answer: {trace['answer']}" in r.stdout
+
+
+def test_research_command_reports_bad_configuration_before_the_first_step(server, tmp_path):
+    r = _research("q", "--url", server.url, "--search", "local")
+    assert r.returncode == 2 and "--corpus" in r.stderr and "step 1" not in r.stdout
+    r = _research("q", "--url", server.url, "--search", "searxng")
+    assert r.returncode == 2 and "--searxng-url" in r.stderr
+    r = _research("q", "--url", server.url, "--search", "none", "--mcp", str(tmp_path / "no-such-server"))
+    assert r.returncode == 2 and "no-such-server" in r.stderr
+    r = _research("q", "--url", server.url, "--search", "bing")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
