@@ -4,8 +4,10 @@
     sgl-merge demo [--url URL | --model-path DIR]
                                                 the main job on the embedded default (CPU): single
                                                 trace vs vote@k vs ThinkMerge@k, table and plot
-    sgl-merge eval --dataset FILE.jsonl [--url URL | --model-path DIR] [--task math|code]
+    sgl-merge eval --dataset FILE.jsonl [--url URL | --model-path DIR] [--task math|exact|code]
                                                 the same comparison on your model and data
+    sgl-merge eval --task research --dataset Q.jsonl --corpus C.jsonl [--url URL]
+                                                single agent vs vote@k vs merged agent@k
     sgl-merge research "QUESTION" --url URL [--k K] [--search local|searxng|ddgs|serper|none] [--mcp SPEC]
                                                 a research agent whose tool calls and answer are
                                                 merged over K branches; prints its steps, writes
@@ -95,6 +97,10 @@ def demo(argv: list[str]) -> int:
 
 
 def evaluate(argv: list[str]) -> int:
+    if "research" in (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--task") or "--task=research" in argv:
+        from sgl_merge.research.evaluate import main as run_research_eval
+
+        return run_research_eval(argv)
     from sgl_merge.evaluation.commands import evaluate as run_eval
 
     return run_eval(argv)

@@ -214,3 +214,29 @@ def test_research_command_reports_bad_configuration_before_the_first_step(server
     assert r.returncode == 2 and "no-such-server" in r.stderr
     r = _research("q", "--url", server.url, "--search", "bing")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_eval_research_compares_single_vote_and_merge_and_resumes(server, tmp_path):
+    from sgl_merge.research.synthetic import CORPUS, HELDOUT
+
+    argv = ["eval", "--task", "research", "--dataset", str(HELDOUT), "--corpus", str(CORPUS), "--url", server.url,
+            "--limit", "2", "--k", "2", "--max-steps", "2", "--think-tokens", "8", "--answer-tokens", "6",
+            "--page-chars", "150", "--out", str(tmp_path / "out")]
+    r = subprocess.run([sys.executable, "-m", "sgl_merge.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for row in ("single", "vote@2", "merge@2", "merge@2 - vote@2"):
+        assert f"\n{row} " in r.stdout, row
+    assert "tool calls" in r.stdout and "prefilled" in r.stdout
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert sorted(rec["problem"] for rec in records) == [0, 1]
+    for rec in records:
+        assert len(rec["answers"]) == 2 and set(rec["vote"]) == set(rec["merge"]) == {"2"}
+        assert rec["merge"]["2"]["steps"] >= 1 and rec["merge"]["2"]["total_tokens"] > 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [row["name"] for row in summary["agents"]] == ["single", "vote@2", "merge@2"]
+    again = subprocess.run([sys.executable, "-m", "sgl_merge.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resuming: 2 problems" in again.stdout + again.stderr
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 2
+    changed = subprocess.run([sys.executable, "-m", "sgl_merge.cli", *argv[:-2], "--max-steps", "3", "--out",
+                              str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 1 and "max_steps" in changed.stderr

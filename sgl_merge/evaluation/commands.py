@@ -40,7 +40,7 @@ ignored: for answers of several parts); code problems have "problem" and "tests"
 run in a sandboxed subprocess). Results are appended per problem: rerun the same command to resume."""
 
 
-def _ks(text: str) -> tuple[int, ...]:
+def parse_ks(text: str) -> tuple[int, ...]:
     try:
         ks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
     except ValueError:
@@ -62,14 +62,16 @@ def _add_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--url", help="an existing server started with sgl-merge serve (else one is started)")
     p.add_argument("--api-key", help="the --api-key the --url server was started with, sent with every request")
     p.add_argument("--model-path", help="start a server with this model instead (with --device cpu on CPU)")
-    p.add_argument("--k", type=_ks, default=(2, 4, 8), help="values of k, comma-separated (default 2,4,8)")
+    p.add_argument("--k", type=parse_ks, default=(2, 4, 8), help="values of k, comma-separated (default 2,4,8)")
     p.add_argument("--concurrency", type=int, default=32, help="problems in flight at once (default 32)")
     p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
 
 
-def _check_config(out: Path, cfg: EvalConfig, dataset: str) -> None:
-    settings = {"dataset": dataset, **asdict(cfg)}
-    settings.pop("concurrency")
+def check_config(out: Path, settings: dict, dataset: str) -> None:
+    """Record the settings of the results in `out` (concurrency aside); refuse to resume results made
+    with other settings."""
+    settings = {"dataset": dataset, **settings}
+    settings.pop("concurrency", None)
     settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
     path = out / "config.json"
     if path.exists() and (out / "results.jsonl").exists():
@@ -96,7 +98,7 @@ def _evaluate(url: str, problems: list[dict], cfg: EvalConfig, out: Path, title:
     return summary
 
 
-def _interrupted(command: str, out: Path) -> int:
+def interrupted(command: str, out: Path) -> int:
     # eval writes one results file; the demo one per task folder
     files = [out / "results.jsonl"] if (out / "results.jsonl").exists() else sorted(out.glob("*/results.jsonl"))
     saved = sum(len(f.read_text().splitlines()) for f in files)
@@ -138,7 +140,7 @@ def demo(argv: list[str]) -> int:
     try:
         for name in tasks:
             dataset, _, cfg = setups[name]
-            _check_config(args.out / name, cfg, str(dataset))
+            check_config(args.out / name, asdict(cfg), str(dataset))
         # parathink@8 reads 8 paths' KV at once: more tokens than the model's 512 positions, while its
         # own positions stay within prompt + the longest path ("after_longest"). So the server takes
         # 4096 tokens of context; no method uses a position past 512.
@@ -155,7 +157,7 @@ def demo(argv: list[str]) -> int:
         print(f"sgl-merge demo: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return _interrupted("sgl-merge demo", args.out)
+        return interrupted("sgl-merge demo", args.out)
     print(f"\nsgl-merge demo done in {time.monotonic() - start:.0f} s")
     return 0
 
@@ -197,7 +199,7 @@ def evaluate(argv: list[str]) -> int:
                      concurrency=args.concurrency)
     try:
         problems = runner.load_problems(args.dataset, args.task, limit=args.limit)
-        _check_config(args.out, cfg, str(Path(args.dataset).resolve()))
+        check_config(args.out, asdict(cfg), str(Path(args.dataset).resolve()))
         with running(args.url, args.model_path) as url:
             _evaluate(url, problems, cfg, args.out, f"sgl-merge eval: {Path(args.dataset).name}",
                       api_key=args.api_key if args.url else None)
@@ -205,5 +207,5 @@ def evaluate(argv: list[str]) -> int:
         print(f"sgl-merge eval: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return _interrupted("sgl-merge eval", args.out)
+        return interrupted("sgl-merge eval", args.out)
     return 0

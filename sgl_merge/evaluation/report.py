@@ -48,9 +48,11 @@ def _columns(records: list[dict], ks: list[int]) -> dict[str, tuple[int, object,
                                  lambda r, k=k: sum(r["thinking_tokens"][:k]) + sum(a["tokens"] for a in r["answers"][:k]))
         for method in MERGE_METHODS:
             if method in first:
-                # every member decodes every answer token, so the answer counts once per member
+                # every member decodes every answer token, so the answer counts once per member (an
+                # agent's records count their own total)
                 cols[f"{method}@{k}"] = (k, lambda r, k=k, m=method: r[m][str(k)]["correct"],
-                                         lambda r, k=k, m=method: sum(r["thinking_tokens"][:k])
+                                         lambda r, k=k, m=method: r[m][str(k)].get("total_tokens")
+                                         or sum(r["thinking_tokens"][:k])
                                          + len(r[m][str(k)].get("members", range(k))) * r[m][str(k)]["tokens"])
         if "parathink" in first:  # one answer, read over the k paths (a ParaThinker's own, or the traces)
             cols[f"parathink@{k}"] = (k, lambda r, k=k: r["parathink"][str(k)]["correct"],
