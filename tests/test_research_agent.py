@@ -240,3 +240,19 @@ def test_eval_research_compares_single_vote_and_merge_and_resumes(server, tmp_pa
     changed = subprocess.run([sys.executable, "-m", "sgl_merge.cli", *argv[:-2], "--max-steps", "3", "--out",
                               str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert changed.returncode == 1 and "max_steps" in changed.stderr
+
+
+def test_chat_layout_calls_tools_through_the_servers_parser(server, toolset):
+    from sgl_merge.research.chat_agent import CHAT_SYSTEM_PROMPT, ChatResearchAgent
+
+    cfg = AgentConfig(k=2, max_steps=3, min_calls=2, think_tokens=12, call_tokens=96, answer_tokens=48,
+                      temperature=0.8, seed=5, system_prompt=CHAT_SYSTEM_PROMPT)
+    events = []
+    trace = ChatResearchAgent(server.url, toolset, cfg, on_event=lambda kind, data: events.append(kind)).run(QUESTION)
+    assert [s.action for s in trace.steps] == ["tool_call", "tool_call", "answer"]
+    for step in trace.steps:
+        assert len(step.thinking) == 2 and step.thinking_tokens > 0 and step.prompt_tokens > 0
+        assert step.agreed is not None and 0 <= step.agreed <= 2
+    for step in trace.steps[:2]:  # each call ran, or says why it could not
+        assert step.observation and (step.call.get("name") in toolset.tools or "raw" in step.call)
+    assert trace.answer is not None and events.count("step") == 3 and events.count("decision") == 3

@@ -13,6 +13,7 @@ import requests
 
 from sgl_merge.frontend.merge import MergeError, ServerClient
 from sgl_merge.research.agent import SYSTEM_PROMPT, AgentConfig, ResearchAgent, Trace
+from sgl_merge.research.chat_agent import CHAT_SYSTEM_PROMPT, ChatResearchAgent
 from sgl_merge.research.mcp_tools import connect_mcp
 from sgl_merge.research.search import BACKENDS, SearchTool, make_backend
 from sgl_merge.research.tools import ToolConfigError, Toolset
@@ -24,8 +25,10 @@ Research QUESTION with a merged agent: at every step K branches think on their o
 tool (search, visit, or any MCP server's tools) as one merged call, read its result together, and
 finally answer as one. Prints each step as it happens, then the answer and the sources it read, and
 writes every step (the merged call, each branch's thinking, the observation, token counts) to
-OUT/trace.json. The model speaks the Qwen / Tongyi-DeepResearch tool layout (<think>, <tool_call>,
-<tool_response>, <answer>)."""
+OUT/trace.json. --layout tongyi (default): the Qwen / Tongyi-DeepResearch tool layout (<think>,
+<tool_call>, <tool_response>, <answer>), merged calls constrained to the tools' JSON schema; --layout
+chat: any thinking chat model with tool calling, through its own chat template and the server's
+--tool-call-parser (the OpenAI route's think_merge field)."""
 
 EPILOG = """\
 examples:
@@ -74,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--url", required=True, help="a server started with sgl-merge serve")
     p.add_argument("--api-key", help="the --api-key the server was started with")
     p.add_argument("--k", type=int, default=4, help="branches per step (default 4; 1: a single agent)")
+    p.add_argument("--layout", choices=("tongyi", "chat"), default="tongyi",
+                   help="tongyi: the Qwen/Tongyi-DeepResearch layout, driven token by token (default); chat: the "
+                        "model's chat template and the server's --tool-call-parser")
     p.add_argument("--search", choices=(*BACKENDS, "none"), default="local", help="search backend (default local)")
     p.add_argument("--corpus", help="--search local: the JSONL corpus")
     p.add_argument("--searxng-url", help="--search searxng: the instance, e.g. http://127.0.0.1:8888")
@@ -96,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="shared: a step's thinking leaves the context once its call is merged, so the K branches "
                         "share one history (default); own: each branch keeps its thinking")
     p.add_argument("--system-prompt", type=Path,
-                   help="a file with the system prompt ({tools} and {date} are filled in); default Tongyi "
-                        "DeepResearch's")
+                   help="a file with the system prompt (tongyi layout: {tools} and {date} are filled in); default "
+                        "Tongyi DeepResearch's, or a short instruction for --layout chat")
     p.add_argument("--seed", type=int, help="sampling seed (reproducible runs)")
     p.add_argument("--out", type=Path, default=Path("sgl-merge-research"),
                    help="folder for trace.json (default sgl-merge-research)")
@@ -139,7 +145,7 @@ def _report(trace: Trace, path: Path) -> None:
 def research(argv: list[str]) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    system = SYSTEM_PROMPT
+    system = SYSTEM_PROMPT if args.layout == "tongyi" else CHAT_SYSTEM_PROMPT
     if args.system_prompt:
         try:
             system = args.system_prompt.read_text()
@@ -160,7 +166,8 @@ def research(argv: list[str]) -> int:
         print(f"sgl-merge research: {e}", file=sys.stderr)
         return 2
     try:
-        agent = ResearchAgent(ServerClient(args.url.rstrip("/"), args.api_key), toolset, config, on_event=_progress)
+        agent = (ResearchAgent if args.layout == "tongyi" else ChatResearchAgent)(
+            ServerClient(args.url.rstrip("/"), args.api_key), toolset, config, on_event=_progress)
         trace = agent.run(args.question)
     except (MergeError, requests.RequestException) as e:
         print(f"sgl-merge research: {e}", file=sys.stderr)
