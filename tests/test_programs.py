@@ -46,35 +46,21 @@ def test_code_program_runs_end_to_end(server):
 
 @pytest.fixture
 def corpus(tmp_path):
-    (tmp_path / "merge.md").write_text("Logit averaging\nThinkMerge averages the logits of parallel traces.")
-    (tmp_path / "vote.txt").write_text("Majority voting\nSelf-consistency picks the most common answer.")
-    (tmp_path / "cats.md").write_text("Cats\nCats sleep most of the day.")
-    return tmp_path
+    docs = [{"docid": "merge", "title": "Logit averaging", "text": "ThinkMerge averages the logits of parallel traces."},
+            {"docid": "vote", "title": "Majority voting", "text": "Self-consistency picks the most common answer."}]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
 
 
-def test_local_search_ranks_by_bm25(corpus):
-    tool = web_research.LocalSearch(corpus)
-    assert tool.search("averages logits")[0]["id"] == "merge.md"
-    assert tool.search("common answer voting")[0]["id"] == "vote.txt"
-    assert tool.search("quantum") == []
-    assert "No document" in tool.open("missing.md")
-
-
-def test_actions_are_executed_or_reported_invalid(corpus):
-    tool = web_research.LocalSearch(corpus)
-    assert web_research.act(tool, '{"action": "search", "argument": "cats"}')[2].startswith("[cats.md]")
-    assert web_research.act(tool, '{"action": "open", "argument": "vote.txt"}')[2].startswith("Majority")
-    assert web_research.act(tool, '{"action": "answer", "argument": "42"}')[:2] == ("answer", "42")
-    assert web_research.act(tool, '{"action": "sea')[0] == "invalid"
-
-
-def test_research_agent_runs_its_steps(server, corpus):
+def test_research_program_runs_its_steps(server, corpus):
     import sglang as sgl
 
-    state = web_research.research.run(question="What does ThinkMerge average?",
-                                      tool=web_research.LocalSearch(corpus), k=2, max_steps=3,
+    toolset = web_research.build_toolset("local", corpus=str(corpus))
+    state = web_research.research.run(question="What does ThinkMerge average?", toolset=toolset, k=2, max_steps=3,
                                       think_tokens=16, backend=sgl.RuntimeEndpoint(server.url))
     trace = state["trace"]
-    assert 1 <= len(trace) <= 3
-    assert all(t["action"] in ("search", "open", "answer", "invalid") for t in trace)
+    assert len(trace) <= 2  # the third step must answer
+    assert all(set(t["call"]) in ({"name", "arguments"}, {"raw"}) and t["observation"] for t in trace)
+    assert isinstance(state["answer"], str)  # answered, at the last step at the latest
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
