@@ -256,3 +256,75 @@ def test_chat_layout_calls_tools_through_the_servers_parser(server, toolset):
     for step in trace.steps[:2]:  # each call ran, or says why it could not
         assert step.observation and (step.call.get("name") in toolset.tools or "raw" in step.call)
     assert trace.answer is not None and events.count("step") == 3 and events.count("decision") == 3
+
+
+# ------------------------------------------------------------------ web search and MCP tools
+
+MCP_SERVER = f"{sys.executable} {Path(__file__).parent / 'research_mcp_server.py'}"
+
+
+class _Web(BaseHTTPRequestHandler):
+    """A SearXNG instance's JSON API and the pages its results point to."""
+
+    searches: list[str] = []
+
+    def do_GET(self):
+        from urllib.parse import parse_qs, urlparse
+
+        url = urlparse(self.path)
+        if url.path == "/search":
+            _Web.searches.append(parse_qs(url.query)["q"][0])
+            base = f"http://127.0.0.1:{self.server.server_port}"
+            body = json.dumps({"results": [{"url": f"{base}/kamo", "title": "Kamo Tesh",
+                                            "content": "Kamo Tesh was born in Duvar."}]}).encode()
+            kind = "application/json"
+        else:
+            body = (b"<html><head><title>Kamo Tesh</title></head><body><nav>Home | About</nav><article><h1>Kamo"
+                    b" Tesh</h1><p>Kamo Tesh is a person. Kamo Tesh was born in Duvar, a city on the river.</p>"
+                    b"</article><footer>Contact</footer></body></html>")
+            kind = "text/html"
+        self.send_response(200)
+        self.send_header("content-type", kind)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_mcp_tools_join_the_merged_calls_schema():
+    tools = build_toolset("none", mcp=[f"{MCP_SERVER} --tools lookup,explode"], visit=False)
+    try:
+        schema = tools.call_schema()
+        names = {branch["properties"]["name"]["const"]: branch["properties"]["arguments"] for branch in schema["anyOf"]}
+        assert set(names) == {"lookup", "explode"}
+        assert names["lookup"]["properties"]["term"]["type"] == "string"
+        assert tools.call("lookup", {"term": "Jostedalsbreen"}).text.startswith("Jostedalsbreen is the largest")
+        failed = tools.call("explode", {"reason": "test"})
+        assert not failed.ok and "exploded: test" in failed.text
+    finally:
+        tools.close()
+
+
+def test_research_command_with_searxng_and_an_mcp_server(server, tmp_path):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Web)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    system = tmp_path / "system.txt"
+    system.write_text(SYSTEM)
+    try:
+        r = _research(QUESTION, "--url", server.url, "--k", "2", "--search", "searxng", "--searxng-url",
+                      f"http://127.0.0.1:{httpd.server_port}", "--mcp", f"{MCP_SERVER} --tools lookup",
+                      "--min-calls", "2", "--max-steps", "3", "--think-tokens", "12", "--answer-tokens", "8",
+                      "--temperature", "0.9", "--seed", "11", "--system-prompt", str(system),
+                      "--out", str(tmp_path / "out"))
+    finally:
+        httpd.shutdown()
+    assert r.returncode in (0, 1), r.stderr
+    steps = json.loads((tmp_path / "out" / "trace.json").read_text())["steps"]
+    assert [s["action"] for s in steps[:2]] == ["tool_call", "tool_call"]
+    for s in steps[:2]:
+        assert s["observation"] and (s["call"].get("name") in ("search", "visit", "lookup") or "raw" in s["call"])
+    searched = [s for s in steps if (s["call"] or {}).get("name") == "search"]
+    assert len(_Web.searches) >= len(searched)  # every merged search reached the SearXNG endpoint
+    left = subprocess.run(["pgrep", "-f", "research_mcp_server.py --tools lookup$"], capture_output=True, text=True)
+    assert left.stdout == "", "the MCP server outlived the command"
