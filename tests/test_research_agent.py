@@ -328,3 +328,17 @@ def test_research_command_with_searxng_and_an_mcp_server(server, tmp_path):
     assert len(_Web.searches) >= len(searched)  # every merged search reached the SearXNG endpoint
     left = subprocess.run(["pgrep", "-f", "research_mcp_server.py --tools lookup$"], capture_output=True, text=True)
     assert left.stdout == "", "the MCP server outlived the command"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_goal_directed_visit_shows_the_models_extract_not_the_page(server, corpus, chat):
+    from sgl_merge.frontend.merge import ServerClient
+    from sgl_merge.research.extract import GoalExtractor
+
+    extractor = GoalExtractor(ServerClient(server.url), max_tokens=8, chat=chat)
+    tools = build_toolset("local", corpus=str(corpus), extract=extractor)
+    obs = tools.call("visit", {"url": ["https://wiki.example/belor"], "goal": "who founded Belor"})
+    assert obs.ok and obs.sources == ["https://wiki.example/belor"]
+    assert "Belor was founded by Kamo Tesh." not in obs.text  # the page itself stays out of the history
+    extract = obs.text.split("\n\n", 1)[1]
+    assert extract and extract == extractor("who founded Belor", "Belor\n\n" + CORPUS[0]["text"])  # greedy

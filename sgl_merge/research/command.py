@@ -14,6 +14,7 @@ import requests
 from sgl_merge.frontend.merge import MergeError, ServerClient
 from sgl_merge.research.agent import SYSTEM_PROMPT, AgentConfig, ResearchAgent, Trace
 from sgl_merge.research.chat_agent import CHAT_SYSTEM_PROMPT, ChatResearchAgent
+from sgl_merge.research.extract import GoalExtractor
 from sgl_merge.research.mcp_tools import connect_mcp
 from sgl_merge.research.search import BACKENDS, SearchTool, make_backend
 from sgl_merge.research.tools import ToolConfigError, Toolset
@@ -46,16 +47,17 @@ JSON API), ddgs (keyless web metasearch), serper (Google through serper.dev; SER
 
 def build_toolset(search: str = "local", *, corpus: str | None = None, searxng_url: str | None = None,
                   serper_key: str | None = None, mcp: list[str] = (), visit: bool = True, top_k: int = 5,
-                  page_chars: int = 6000) -> Toolset:
-    """The agent's tools as a command line names them; a configuration that cannot work raises
-    ToolConfigError before the first step."""
+                  page_chars: int = 6000, extract=None) -> Toolset:
+    """The agent's tools as a command line names them (`extract`: visit's goal-directed reader,
+    e.g. a GoalExtractor); a configuration that cannot work raises ToolConfigError before the first
+    step."""
     tools = []
     backend = None
     if search != "none":
         backend = make_backend(search, corpus=corpus, searxng_url=searxng_url, serper_key=serper_key)
         tools.append(SearchTool(backend, top_k=top_k))
     if visit:
-        tools.append(VisitTool(backend if search == "local" else None, max_chars=page_chars))
+        tools.append(VisitTool(backend if search == "local" else None, max_chars=page_chars, extract=extract))
     servers = []
     try:
         for spec in mcp:
@@ -90,7 +92,12 @@ def _parser() -> argparse.ArgumentParser:
                         "command that starts a stdio server; repeatable")
     p.add_argument("--no-visit", action="store_true", help="no visit tool")
     p.add_argument("--top-k", type=int, default=5, help="search results per query (default 5)")
-    p.add_argument("--page-chars", type=int, default=6000, help="characters of a visited page shown (default 6000)")
+    p.add_argument("--page-chars", type=int, default=6000,
+                   help="characters of a visited page shown, or read by --visit-extract (default 6000)")
+    p.add_argument("--visit-extract", action="store_true",
+                   help="Tongyi's visit: the model reads each page for the call's goal and only its extract joins "
+                        "the history (one greedy request per page, up to --extract-tokens)")
+    p.add_argument("--extract-tokens", type=int, default=1024, help="(default 1024)")
     p.add_argument("--max-steps", type=int, default=8, help="tool calls before the agent must answer (default 8)")
     p.add_argument("--min-calls", type=int, default=0, help="tool calls the agent must make before it may answer "
                                                               "(default 0)")
@@ -158,16 +165,19 @@ def research(argv: list[str]) -> int:
                              min_calls=args.min_calls)
     except ValueError as e:
         p.error(str(e).replace("AgentConfig.", "--").replace("_", "-"))
+    server = ServerClient(args.url.rstrip("/"), args.api_key)
+    extract = (GoalExtractor(server, max_tokens=args.extract_tokens, chat=args.layout == "chat")
+               if args.visit_extract else None)
     try:
         toolset = build_toolset(args.search, corpus=args.corpus, searxng_url=args.searxng_url,
                                 serper_key=args.serper_key, mcp=args.mcp, visit=not args.no_visit,
-                                top_k=args.top_k, page_chars=args.page_chars)
+                                top_k=args.top_k, page_chars=args.page_chars, extract=extract)
     except ToolConfigError as e:
         print(f"sgl-merge research: {e}", file=sys.stderr)
         return 2
     try:
-        agent = (ResearchAgent if args.layout == "tongyi" else ChatResearchAgent)(
-            ServerClient(args.url.rstrip("/"), args.api_key), toolset, config, on_event=_progress)
+        agent = (ResearchAgent if args.layout == "tongyi" else ChatResearchAgent)(server, toolset, config,
+                                                                                 on_event=_progress)
         trace = agent.run(args.question)
     except (MergeError, requests.RequestException) as e:
         print(f"sgl-merge research: {e}", file=sys.stderr)
