@@ -19,7 +19,7 @@ import requests
 from sgl_merge.evaluation import report, runner
 from sgl_merge.evaluation.runner import EvalConfig, EvalError
 from sgl_merge.evaluation.scoring import TASKS
-from sgl_merge.runtime.spec import MODES
+from sgl_merge.contract.merge import MODES
 from sgl_merge.server import running
 
 DEMO_DESCRIPTION = """\

@@ -19,7 +19,7 @@ from sgl_merge.research.mcp_tools import connect_mcp
 from sgl_merge.research.search import BACKENDS, SearchTool, make_backend
 from sgl_merge.research.tools import ToolConfigError, Toolset
 from sgl_merge.research.visit import VisitTool
-from sgl_merge.runtime.spec import MODES
+from sgl_merge.contract.merge import MODES
 
 DESCRIPTION = """\
 Research QUESTION with a merged agent: at every step K branches think on their own, then call a
