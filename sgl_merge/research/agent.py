@@ -314,13 +314,18 @@ class ResearchAgent:
         trace.sources.extend(u for u in obs.sources if u not in trace.sources)
 
 
+UNKNOWN_CONTEXT = 1 << 40  # a server that does not say: its own limit answers (a 400 naming it)
+
+
 def _max_input(server: ServerClient) -> int:
     """The longest prompt the server takes (its context length, less what SGLang reserves)."""
     r = server.get("/server_info", timeout=30)
     if r.status_code == 404:  # SGLang's gateway serves only the older name
         r = server.get("/get_server_info", timeout=30)
     r.raise_for_status()
-    return int(r.json()["max_req_input_len"])
+    info = r.json()
+    value = info.get("max_req_input_len") if isinstance(info, dict) else None
+    return int(value) if value else UNKNOWN_CONTEXT
 
 
 def _agreed(*decisions: list[dict]) -> int | None:
