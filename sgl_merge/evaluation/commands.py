@@ -8,6 +8,7 @@ a resume with other settings is refused), `summary.json` (the table as data) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import requests
 
 from sgl_merge.evaluation import report, runner
+from sgl_merge.evaluation.options import check_config, interrupted, parse_ks
 from sgl_merge.evaluation.runner import EvalConfig, EvalError
 from sgl_merge.evaluation.scoring import TASKS
 from sgl_merge.contract.merge import MODES
@@ -40,16 +42,6 @@ ignored: for answers of several parts); code problems have "problem" and "tests"
 run in a sandboxed subprocess). Results are appended per problem: rerun the same command to resume."""
 
 
-def parse_ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--k takes integers like 2,4,8, got {text!r}") from None
-    if not ks or ks[0] < 1:
-        raise argparse.ArgumentTypeError(f"--k values must be >= 1, got {text!r}")
-    return ks
-
-
 def _methods(text: str) -> tuple[str, ...]:
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
     bad = [m for m in methods if m not in runner.METHODS]
@@ -67,23 +59,6 @@ def _add_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
 
 
-def check_config(out: Path, settings: dict, dataset: str) -> None:
-    """Record the settings of the results in `out` (concurrency aside); refuse to resume results made
-    with other settings."""
-    settings = {"dataset": dataset, **settings}
-    settings.pop("concurrency", None)
-    settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
-    path = out / "config.json"
-    if path.exists() and (out / "results.jsonl").exists():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if changed:
-            raise EvalError(f"{out} holds results made with other settings ({', '.join(changed)} differ); "
-                            "pass a new --out, or delete that folder to start over")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
-
-
 def _evaluate(url: str, problems: list[dict], cfg: EvalConfig, out: Path, title: str,
               api_key: str | None = None) -> dict:
     start = time.monotonic()
@@ -96,16 +71,6 @@ def _evaluate(url: str, problems: list[dict], cfg: EvalConfig, out: Path, title:
     print(report.format_table(summary))
     print(f"\nresults: {out / 'results.jsonl'}\nsummary: {out / 'summary.json'}\nplot:    {out / 'accuracy.png'}")
     return summary
-
-
-def interrupted(command: str, out: Path) -> int:
-    # eval writes one results file; the demo one per task folder
-    files = [out / "results.jsonl"] if (out / "results.jsonl").exists() else sorted(out.glob("*/results.jsonl"))
-    saved = sum(len(f.read_text().splitlines()) for f in files)
-    where = files[0] if len(files) == 1 else out
-    print(f"\n{command}: interrupted; {saved} problem runs are saved in {where}. "
-          "Run the same command again to resume.", file=sys.stderr)
-    return 130
 
 
 def _weightings(text: str) -> tuple[str, ...]:
@@ -124,12 +89,19 @@ def demo(argv: list[str]) -> int:
     p.add_argument("--problems", type=int, default=None,
                    help="held-out problems per task (default 100 of the 300 chain ones and 70 of the 200 parts "
                         "ones, which keeps the demo near 4 minutes on a 2-core CPU)")
-    p.add_argument("--tasks", default="chain,parts", help="which of chain,parts to run (default both)")
+    p.add_argument("--tasks", default="chain,parts",
+                   help="which of chain,parts,research to run (default chain,parts); research: the tiny research "
+                        "model's agent on 2-3 hop questions over the bundled corpus, single vs vote@k vs merge@k "
+                        "(its own server, about 3 minutes)")
     args = p.parse_args(argv)
     args.model_path = args.model_path or MODEL_DIR
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks or set(tasks) - {"chain", "parts"}:
-        p.error(f"--tasks takes chain, parts or both, got {args.tasks!r}")
+    if not tasks or set(tasks) - {"chain", "parts", "research"}:
+        p.error(f"--tasks takes chain, parts, research or several, got {args.tasks!r}")
+    if "research" in tasks and len(tasks) > 1 and args.url:
+        p.error("research runs another model than chain and parts: give --url for --tasks research alone")
+    research = "research" in tasks
+    tasks = [t for t in tasks if t != "research"]
     # The bundled model: the question alone is its prompt; traces are ~50 (chain) and ~110 (parts)
     # tokens, answers a handful; answers greedy, as for every method.
     common = dict(ks=args.k, prompt="{question}", thinking_temperature=0.7, answer_temperature=0.0,
@@ -146,13 +118,19 @@ def demo(argv: list[str]) -> int:
         # 4096 tokens of context; no method uses a position past 512.
         flags = ["--dtype", "float32", "--max-total-tokens", "100000", "--max-running-requests", "512",
                  "--context-length", "4096"]
-        with running(args.url, args.model_path, flags, env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}) as url:
+        with (running(args.url, args.model_path, flags, env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"})
+              if tasks else contextlib.nullcontext()) as url:
             for name in tasks:
                 dataset, default_limit, cfg = setups[name]
                 problems = runner.load_problems(dataset, cfg.task, limit=args.problems or default_limit)
                 print(f"\n== task {name}: {len(problems)} problems ({dataset.name}) ==")
                 _evaluate(url, problems, cfg, args.out / name, f"sgl-merge demo: tiny reasoner, {name}",
                           api_key=args.api_key if args.url else None)
+        if research:
+            from sgl_merge.research import evaluate as research_eval
+
+            research_eval.demo(args.url, args.out / "research", ks=args.k, problems=args.problems or 40,
+                               concurrency=min(args.concurrency, 8), api_key=args.api_key if args.url else None)
     except (EvalError, RuntimeError, requests.RequestException) as e:
         print(f"sgl-merge demo: {e}", file=sys.stderr)
         return 1

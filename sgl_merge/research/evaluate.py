@@ -22,12 +22,12 @@ from pathlib import Path
 import requests
 
 from sgl_merge.evaluation import report
-from sgl_merge.evaluation.commands import check_config, interrupted, parse_ks
+from sgl_merge.evaluation.options import check_config, interrupted, parse_ks
 from sgl_merge.evaluation.runner import EvalError, done_keys, load_problems
 from sgl_merge.frontend.merge import MergeError, ServerClient, majority
 from sgl_merge.research.agent import SYSTEM_PROMPT, AgentConfig, ResearchAgent, Trace
 from sgl_merge.research.command import build_toolset
-from sgl_merge.research.synthetic import is_correct, normalize_answer
+from sgl_merge.research.synthetic import CORPUS, HELDOUT, is_correct, normalize_answer
 from sgl_merge.research.tools import ToolConfigError
 from sgl_merge.server import running
 
@@ -218,3 +218,31 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return interrupted("sgl-merge eval", args.out)
     return 0
+
+
+# ------------------------------------------------------------------ the demo's research task
+
+RESEARCHER = Path(__file__).resolve().parent / "model"  # the tiny research model (scripts/train_tiny_researcher.py)
+# Its server: fp32 as trained; room for every agent of the concurrent problems at once.
+RESEARCHER_FLAGS = ["--dtype", "float32", "--max-total-tokens", "100000", "--max-running-requests", "512"]
+
+
+def researcher_config(ks: tuple[int, ...], concurrency: int) -> ResearchEvalConfig:
+    """The settings the tiny research model was trained for: its own short system prompt, search only
+    (top 2 results; the facts are in the snippets), short thoughts."""
+    return ResearchEvalConfig(ks=ks, max_steps=4, think_tokens=24, call_tokens=64, answer_tokens=16,
+                              temperature=0.7, top_k=2, visit=False, concurrency=concurrency,
+                              system_prompt=(RESEARCHER / "system_prompt.txt").read_text())
+
+
+def demo(url: str | None, out: Path, *, ks: tuple[int, ...], problems: int, concurrency: int,
+         api_key: str | None = None) -> dict:
+    """`sgl-merge demo --tasks research`: the tiny research model on the bundled synthetic task."""
+    cfg = researcher_config(ks, concurrency)
+    toolset = build_toolset("local", corpus=str(CORPUS), visit=False, top_k=cfg.top_k)
+    check_config(out, asdict(cfg), str(HELDOUT))
+    questions = load_problems(HELDOUT, "research", limit=problems)
+    print(f"\n== task research: {len(questions)} problems ({HELDOUT.name}, the tiny research model) ==")
+    with running(url, str(RESEARCHER), RESEARCHER_FLAGS) as server_url:
+        return evaluate_research(server_url, questions, toolset, cfg, out,
+                                 "sgl-merge demo: tiny research model, 2-3 hop questions", api_key=api_key)
