@@ -180,6 +180,22 @@ def test_openai_think_merge_through_the_gateway(gateway):
     assert lines[-1].strip() == "data: [DONE]" and len(lines) > 2
 
 
+def test_the_research_agent_works_through_the_gateway(gateway, tmp_path):
+    """Every request of an agent carries one routing key, so its steps stay on one worker's cache."""
+    from sgl_merge.research.agent import AgentConfig, ResearchAgent
+    from sgl_merge.research.command import build_toolset
+    from sgl_merge.research.synthetic import CORPUS
+
+    tools = build_toolset("local", corpus=str(CORPUS), visit=False, top_k=1)
+    cfg = AgentConfig(k=2, max_steps=3, min_calls=2, think_tokens=12, call_tokens=48, answer_tokens=8,
+                      temperature=0.8, seed=2, system_prompt="Use the tools.\n{tools}\n{date}")
+    trace = ResearchAgent(gateway.url, tools, cfg).run("Where was the founder of Ragul born?")
+    assert [s.action for s in trace.steps] == ["tool_call", "tool_call", "answer"]
+    assert all(s.observation for s in trace.steps[:2]) and trace.answer is not None
+    # The history of step 2 came from the cache of the worker that served step 1.
+    assert trace.steps[1].cached_tokens >= trace.steps[0].history_tokens
+
+
 def test_a_killed_worker_fails_its_groups_clearly_and_the_other_worker_finishes(gateway, tokenizer):
     """Last in this module: it kills worker 1 (SIGKILL to every process of it). One long group runs
     on each worker (X-SMG-Target-Worker 0 and 1 are the two workers, in the gateway's order)."""
