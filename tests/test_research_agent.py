@@ -212,6 +212,8 @@ def test_research_command_reports_bad_configuration_before_the_first_step(server
     assert r.returncode == 2 and "--searxng-url" in r.stderr
     r = _research("q", "--url", server.url, "--search", "none", "--mcp", str(tmp_path / "no-such-server"))
     assert r.returncode == 2 and "no-such-server" in r.stderr
+    r = _research("q", "--url", server.url, "--search", "mcp")
+    assert r.returncode == 2 and "--mcp SPEC" in r.stderr
     r = _research("q", "--url", server.url, "--search", "bing")
     assert r.returncode == 2 and "invalid choice" in r.stderr
 

@@ -37,12 +37,12 @@ examples:
       --search local --corpus corpus.jsonl --k 4
   sgl-merge research "Who won the 2024 Abel prize?" --url URL --search searxng \\
       --searxng-url http://127.0.0.1:8888
-  sgl-merge research "..." --url URL --search none --mcp "python browsecomp_mcp_server.py"
+  sgl-merge research "..." --url URL --search mcp --mcp "python browsecomp_mcp_server.py"
 
 search backends: local (a JSONL corpus: docid, title/url, text; BM25), searxng (a SearXNG instance's
-JSON API), ddgs (keyless web metasearch), serper (Google through serper.dev; SERPER_API_KEY), none
-(no search tool: bring tools with --mcp). visit reads corpus pages offline and other URLs over HTTP
-(main text only), unless --no-visit."""
+JSON API), ddgs (keyless web metasearch), serper (Google through serper.dev; SERPER_API_KEY), mcp
+(the --mcp servers' own search tools, e.g. BrowseComp-Plus's searcher), none (no search tool).
+visit reads corpus pages offline and other URLs over HTTP (main text only), unless --no-visit."""
 
 
 def build_toolset(search: str = "local", *, corpus: str | None = None, searxng_url: str | None = None,
@@ -53,7 +53,9 @@ def build_toolset(search: str = "local", *, corpus: str | None = None, searxng_u
     step."""
     tools = []
     backend = None
-    if search != "none":
+    if search == "mcp" and not mcp:
+        raise ToolConfigError("--search mcp takes its search tool from MCP servers: add --mcp SPEC")
+    if search not in ("mcp", "none"):
         backend = make_backend(search, corpus=corpus, searxng_url=searxng_url, serper_key=serper_key)
         tools.append(SearchTool(backend, top_k=top_k))
     if visit:
@@ -82,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("tongyi", "chat"), default="tongyi",
                    help="tongyi: the Qwen/Tongyi-DeepResearch layout, driven token by token (default); chat: the "
                         "model's chat template and the server's --tool-call-parser")
-    p.add_argument("--search", choices=(*BACKENDS, "none"), default="local", help="search backend (default local)")
+    p.add_argument("--search", choices=(*BACKENDS, "mcp", "none"), default="local",
+                   help="search backend (default local); mcp: search comes with the --mcp servers' tools")
     p.add_argument("--corpus", help="--search local: the JSONL corpus")
     p.add_argument("--searxng-url", help="--search searxng: the instance, e.g. http://127.0.0.1:8888")
     p.add_argument("--serper-key", default=os.environ.get("SERPER_API_KEY"),
