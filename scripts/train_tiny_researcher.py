@@ -39,12 +39,15 @@ transformers against the real tool, no server: greedy, one sampled trajectory at
 temperature, vote@k over k sampled trajectories, and merge@k (k sampled thinkings per step, each
 decision sampled from their averaged log-probabilities).
 
-The shipped model is two runs of this script (about 37 minutes on one thread of the project's
-2-core CPU; the first alone, 22.5 minutes, left greedy at 0.18: names were not yet copied reliably):
+The shipped model is three runs of this script (48 minutes on one thread of the project's 2-core
+CPU; the first alone, 22.5 minutes, left greedy at 0.18, the second at 0.52: names were not yet
+copied reliably; the record keeps every stage):
 
     python scripts/train_tiny_researcher.py --out /tmp/stage1            # from scratch, seed 0
-    python scripts/train_tiny_researcher.py --init-from /tmp/stage1 --seed 1 --steps 1200 \
-        --minutes 15 --lr 1e-3 --warmup 20                               # writes sgl_merge/research/model
+    python scripts/train_tiny_researcher.py --init-from /tmp/stage1 --out /tmp/stage2 --seed 1 \
+        --steps 1200 --minutes 15 --lr 1e-3 --warmup 20
+    python scripts/train_tiny_researcher.py --init-from /tmp/stage2 --seed 2 --steps 800 \
+        --minutes 10.5 --lr 5e-4 --warmup 10                             # writes sgl_merge/research/model
     python scripts/train_tiny_researcher.py --eval-only      # re-run the check on the shipped model
 
 Besides the step's targets, each sequence carries a lighter next-token loss on its history
