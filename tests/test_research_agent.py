@@ -344,3 +344,22 @@ def test_goal_directed_visit_shows_the_models_extract_not_the_page(server, corpu
     assert "Belor was founded by Kamo Tesh." not in obs.text  # the page itself stays out of the history
     extract = obs.text.split("\n\n", 1)[1]
     assert extract and extract == extractor("who founded Belor", "Belor\n\n" + CORPUS[0]["text"])  # greedy
+
+
+# ------------------------------------------------------------------ the demo's research task
+
+
+@pytest.mark.server
+def test_demo_research_task_runs_the_trained_model_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sgl_merge.cli", "demo", "--tasks", "research", "--problems", "3",
+                        "--k", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "== task research: 3 problems" in r.stdout
+    for row in ("single", "vote@2", "merge@2", "merge@2 - vote@2"):
+        assert f"\n{row} " in r.stdout, row
+    records = [json.loads(line) for line in (tmp_path / "research" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    agents = [a for rec in records for a in rec["answers"]] + [rec["merge"]["2"] for rec in records]
+    # The trained layout is what the agent speaks: its calls are valid searches, its answers plain names.
+    assert all(a["tool_calls"] >= 1 and a["answer"] for a in agents)
+    assert not any(a["answer"].startswith("<") for a in agents)

@@ -233,9 +233,10 @@ class ResearchAgent:
         closing = self._tok(f"\n{THINK_CLOSE}\n\n")
         thoughts = []
         for prompt, item in zip(prompts, items):
-            ids = list(item["output_ids"])
-            if ids and ids[-1] == self._close_id:
-                ids.pop()
+            reason = item["meta_info"].get("finish_reason") or {}
+            # Without the </think> (or end of turn) that stopped it; a multi-token </think> matched as a
+            # stop string is in the ids but not the text.
+            ids = self._tok(item["text"]) if isinstance(reason.get("matched"), str) else _written(item)
             counts.generated += len(item["output_ids"])
             thoughts.append((prompt + ids + closing, item["text"].removesuffix(THINK_CLOSE).strip()))
         return thoughts
@@ -264,7 +265,7 @@ class ResearchAgent:
             contexts = [ids for ids, _ in thoughts]
             choices = [CALL_OPEN + "\n"] * (not last) + [ANSWER_OPEN] * (number > cfg.min_calls or last)
             kind = self._decide(contexts, counts, max_new_tokens=16, regex="|".join(choices))
-            contexts = [c + item["output_ids"] for c, item in zip(contexts, kind)]
+            contexts = [c + _written(item) for c, item in zip(contexts, kind)]
             if kind[0]["text"].startswith(CALL_OPEN):
                 items = self._decide(contexts, counts, max_new_tokens=cfg.call_tokens, json_schema=self.schema)
                 step.action = "tool_call"
@@ -273,13 +274,13 @@ class ResearchAgent:
                 if cfg.history == "shared":  # the step's thinking leaves: one history for all branches
                     histories = [histories[0] + self._tok(f"{CALL_OPEN}\n{items[0]['text']}") + response] * cfg.k
                 else:  # each branch keeps its thinking
-                    histories = [c + it["output_ids"] + response for c, it in zip(contexts, items)]
+                    histories = [c + _written(it) + response for c, it in zip(contexts, items)]
             else:
                 items = self._decide(contexts, counts, max_new_tokens=cfg.answer_tokens, stop=[ANSWER_CLOSE])
                 trace.answer = items[0]["text"].removesuffix(ANSWER_CLOSE).strip()
                 step.call = None
             if cfg.record_ids:
-                step.ids = {"contexts": [ids for ids, _ in thoughts], "kind": kind[0]["output_ids"],
+                step.ids = {"contexts": [ids for ids, _ in thoughts], "kind": _written(kind[0]),
                             "decision": items[0]["output_ids"]}
             step.agreed = _agreed(kind, items)
             step.decision_tokens = sum(len(i[0]["output_ids"]) for i in (kind, items))
@@ -315,6 +316,16 @@ class ResearchAgent:
 
 
 UNKNOWN_CONTEXT = 1 << 40  # a server that does not say: its own limit answers (a 400 naming it)
+
+
+def _written(item: dict) -> list[int]:
+    """The tokens a request wrote, less the stop token that ended it: the end of turn a grammar
+    ends with once it is complete, or a stop token id. (They are not part of what follows.)"""
+    ids = list(item["output_ids"])
+    reason = item["meta_info"].get("finish_reason") or {}
+    if reason.get("type") == "stop" and isinstance(reason.get("matched"), int) and ids and ids[-1] == reason["matched"]:
+        ids.pop()
+    return ids
 
 
 def _max_input(server: ServerClient) -> int:

@@ -224,13 +224,14 @@ def main(argv: list[str]) -> int:
 
 RESEARCHER = Path(__file__).resolve().parent / "model"  # the tiny research model (scripts/train_tiny_researcher.py)
 # Its server: fp32 as trained; room for every agent of the concurrent problems at once.
-RESEARCHER_FLAGS = ["--dtype", "float32", "--max-total-tokens", "100000", "--max-running-requests", "512"]
+RESEARCHER_FLAGS = ["--dtype", "float32", "--max-total-tokens", "100000", "--max-running-requests", "512",
+                    "--constrained-json-disable-any-whitespace"]
 
 
 def researcher_config(ks: tuple[int, ...], concurrency: int) -> ResearchEvalConfig:
     """The settings the tiny research model was trained for: its own short system prompt, search only
     (top 2 results; the facts are in the snippets), short thoughts."""
-    return ResearchEvalConfig(ks=ks, max_steps=4, think_tokens=24, call_tokens=64, answer_tokens=16,
+    return ResearchEvalConfig(ks=ks, max_steps=5, think_tokens=24, call_tokens=48, answer_tokens=16,
                               temperature=0.7, top_k=2, visit=False, concurrency=concurrency,
                               system_prompt=(RESEARCHER / "system_prompt.txt").read_text())
 
