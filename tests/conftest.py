@@ -3,7 +3,7 @@ started by `sgl-merge serve`), each started once per test session.
 
 Markers (pyproject.toml): every test that talks to a real SGLang server is marked `server` (found
 here from the fixtures it uses, or marked where it starts one itself), and the gateway's tests also
-`gateway`; `pytest -m "not server"` runs the fast rest in about a minute and a half."""
+`gateway`; `pytest -m "not server"` runs the fast rest in about two minutes."""
 
 from __future__ import annotations
 
