@@ -143,6 +143,14 @@ class Trace:
                 "steps": [vars(s) for s in self.steps]}
 
 
+def close_step(trace: Trace, step: Step, started: float, on_event) -> bool:
+    """Record a finished step (its time, the trace, the "decision" event); True once it answered."""
+    step.seconds = round(time.monotonic() - started, 3)
+    trace.steps.append(step)
+    on_event("decision", {"step": step, "k": trace.k})
+    return trace.answer is not None
+
+
 @dataclass
 class _Counts:
     """Token accounting of the requests of one step."""
@@ -286,10 +294,7 @@ class ResearchAgent:
             step.decision_tokens = sum(len(i[0]["output_ids"]) for i in (kind, items))
             step.prompt_tokens, step.cached_tokens = counts.prompt, counts.cached
             step.prefilled_tokens = counts.prompt - counts.cached
-            step.seconds = round(time.monotonic() - t0, 3)
-            trace.steps.append(step)
-            self.on_event("decision", {"step": step, "k": cfg.k})
-            if trace.answer is not None:
+            if close_step(trace, step, t0, self.on_event):
                 break
         trace.seconds = time.monotonic() - started
         return trace

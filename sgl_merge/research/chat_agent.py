@@ -20,7 +20,7 @@ import re
 import time
 
 from sgl_merge.frontend.merge import MergeError, ServerClient
-from sgl_merge.research.agent import AgentConfig, Step, Trace
+from sgl_merge.research.agent import AgentConfig, Step, Trace, close_step
 from sgl_merge.research.tools import Toolset
 
 CHAT_SYSTEM_PROMPT = (
@@ -96,10 +96,7 @@ class ChatResearchAgent:
                 text = message.get("content") or ""
                 answers = re.findall(r"<answer>(.*?)(?:</answer>|$)", text, flags=re.S)
                 trace.answer = (answers[-1] if answers else text).strip()
-            step.seconds = round(time.monotonic() - t0, 3)
-            trace.steps.append(step)
-            self.on_event("decision", {"step": step, "k": cfg.k})
-            if trace.answer is not None:
+            if close_step(trace, step, t0, self.on_event):
                 break
         trace.seconds = time.monotonic() - started
         return trace
