@@ -295,19 +295,29 @@ def run(url: str, problems: list[dict], cfg: EvalConfig, results: Path, progress
         api_key: str | None = None) -> list[dict]:
     """Evaluate every (problem, sample) not yet in `results`, appending each as it finishes; return
     all records in the file. `api_key`: the server's --api-key, where it has one."""
-    from tqdm import tqdm
-
     server = Server(url, api_key)
-    results.parent.mkdir(parents=True, exist_ok=True)
     done = done_keys(results)
     todo = [(i, s) for i in range(len(problems)) for s in range(cfg.samples) if (i, s) not in done]
-    pool = ThreadPoolExecutor(cfg.concurrency)
+    return append_results(results, todo, lambda i: solve(server, cfg, problems[i]), cfg.concurrency,
+                          f"resuming: {len(done)} problem runs already in {results}" if done and progress else None,
+                          progress)
+
+
+def append_results(results: Path, todo: list[tuple[int, int]], work, concurrency: int, resumed: str | None,
+                   progress: bool = True) -> list[dict]:
+    """Run `work(problem)` for every (problem, sample) in `todo`, `concurrency` at once, appending each
+    record to `results` as it finishes (what resuming reads); say `resumed` first where given. Return
+    all records in the file, in problem order."""
+    from tqdm import tqdm
+
+    results.parent.mkdir(parents=True, exist_ok=True)
+    pool = ThreadPoolExecutor(concurrency)
     try:
         with open(results, "a") as out, tqdm(total=len(todo), desc="problems", unit="problem",
                                              disable=not progress, dynamic_ncols=True) as bar:
-            if done and progress:
-                bar.write(f"resuming: {len(done)} problem runs already in {results}")
-            futures = {pool.submit(solve, server, cfg, problems[i]): (i, s) for i, s in todo}
+            if resumed:
+                bar.write(resumed)
+            futures = {pool.submit(work, i): (i, s) for i, s in todo}
             for future in as_completed(futures):
                 i, s = futures[future]
                 out.write(json.dumps({"problem": i, "sample": s, **future.result()}) + "\n")
@@ -319,4 +329,3 @@ def run(url: str, problems: list[dict], cfg: EvalConfig, results: Path, progress
         pool.shutdown(wait=False, cancel_futures=True)
     records = [json.loads(line) for line in results.read_text().splitlines()]
     return sorted(records, key=lambda r: (r["problem"], r["sample"]))
-

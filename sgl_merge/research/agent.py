@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from sgl_merge.frontend.merge import MergeError, ServerClient, ensure_merge_server, merge_body, tokenize
-from sgl_merge.research.tools import Observation, Toolset
+from sgl_merge.research.tools import Toolset
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -187,11 +187,11 @@ class ResearchAgent:
     # ------------------------------------------------------------------ server requests
 
     def _tok(self, text: str) -> list[int]:
-        if text not in self._ids or len(text) > 64:
-            ids = tokenize(self.server, text, self._route)
-            if len(text) <= 64:
-                self._ids[text] = ids
-            return ids
+        """The server's ids for `text`; short texts (the layout's delimiters) are asked once."""
+        if len(text) > 64:
+            return tokenize(self.server, text, self._route)
+        if text not in self._ids:
+            self._ids[text] = tokenize(self.server, text, self._route)
         return self._ids[text]
 
     def _single(self, text: str) -> int | None:
@@ -301,23 +301,28 @@ class ResearchAgent:
 
     def _act(self, step: Step, item: dict, trace: Trace) -> None:
         """Run the merged call in `item` (JSON by the call schema unless it was cut off)."""
+        step.call = {"raw": item["text"]}
         if item["meta_info"]["finish_reason"]["type"] == "length":
-            step.call = {"raw": item["text"]}
-            obs = Observation(f"The tool call was cut off at {self.cfg.call_tokens} tokens; make a shorter call.",
-                              ok=False)
+            step.observation = f"The tool call was cut off at {self.cfg.call_tokens} tokens; make a shorter call."
         else:
             try:
                 call = json.loads(item["text"], strict=False)  # the grammar lets control characters into strings
                 step.call = {"name": call["name"], "arguments": call["arguments"]}
             except (ValueError, KeyError, TypeError):
-                step.call = {"raw": item["text"]}
-            if "raw" in step.call:
-                obs = Observation('That was not a tool call: give {"name": ..., "arguments": {...}}.', ok=False)
-            else:
-                self.on_event("call", {"step": step.step, "call": step.call})
-                obs = self.tools.call(step.call["name"], step.call["arguments"])
-        step.observation, step.observation_ok = obs.text, obs.ok
-        trace.sources.extend(u for u in obs.sources if u not in trace.sources)
+                step.observation = 'That was not a tool call: give {"name": ..., "arguments": {...}}.'
+        if "raw" in step.call:
+            step.observation_ok = False
+        else:
+            run_call(self.tools, step, trace, self.on_event)
+
+
+def run_call(tools: Toolset, step: Step, trace: Trace, on_event) -> None:
+    """Run the step's (valid) call once: its observation into the step, the URLs it saw into the
+    trace's sources."""
+    on_event("call", {"step": step.step, "call": step.call})
+    obs = tools.call(step.call["name"], step.call["arguments"])
+    step.observation, step.observation_ok = obs.text, obs.ok
+    trace.sources.extend(u for u in obs.sources if u not in trace.sources)
 
 
 UNKNOWN_CONTEXT = 1 << 40  # a server that does not say: its own limit answers (a 400 naming it)

@@ -20,7 +20,7 @@ import re
 import time
 
 from sgl_merge.frontend.merge import MergeError, ServerClient
-from sgl_merge.research.agent import AgentConfig, Step, Trace, close_step
+from sgl_merge.research.agent import AgentConfig, Step, Trace, close_step, run_call
 from sgl_merge.research.tools import Toolset
 
 CHAT_SYSTEM_PROMPT = (
@@ -74,10 +74,7 @@ class ChatResearchAgent:
                     arguments = None
                 if isinstance(arguments, dict):
                     step.call = {"name": name, "arguments": arguments}
-                    self.on_event("call", {"step": number, "call": step.call})
-                    obs = self.tools.call(name, arguments)
-                    step.observation, step.observation_ok = obs.text, obs.ok
-                    trace.sources.extend(u for u in obs.sources if u not in trace.sources)
+                    run_call(self.tools, step, trace, self.on_event)
                     messages += [{"role": "assistant", "content": message.get("content") or "", "tool_calls": [call]},
                                  {"role": "tool", "tool_call_id": call.get("id") or f"call-{number}",
                                   "content": step.observation}]

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import requests
 
 from sgl_merge.evaluation import report
 from sgl_merge.evaluation.options import check_config, interrupted, parse_ks
-from sgl_merge.evaluation.runner import EvalError, done_keys, load_problems
+from sgl_merge.evaluation.runner import EvalError, append_results, done_keys, load_problems
 from sgl_merge.frontend.merge import MergeError, ServerClient, majority
 from sgl_merge.research.agent import SYSTEM_PROMPT, AgentConfig, ResearchAgent, Trace
 from sgl_merge.research.command import build_toolset
@@ -57,6 +55,11 @@ class ResearchEvalConfig:
     system_prompt: str = SYSTEM_PROMPT
     concurrency: int = 8
 
+    def toolset(self, corpus: str | Path):
+        """Search over `corpus` (and visit its pages, unless `visit` is off), as configured."""
+        return build_toolset("local", corpus=str(corpus), visit=self.visit, top_k=self.top_k,
+                             page_chars=self.page_chars)
+
     def agent(self, k: int) -> AgentConfig:
         return AgentConfig(k=k, max_steps=self.max_steps, think_tokens=self.think_tokens,
                            call_tokens=self.call_tokens, answer_tokens=self.answer_tokens,
@@ -78,8 +81,8 @@ def solve(server: ServerClient, toolset, cfg: ResearchEvalConfig, problem: dict)
     record: dict = {}
     if "single" in cfg.methods or "vote" in cfg.methods:
         n = max(cfg.ks) if "vote" in cfg.methods else 1
-        singles = [_outcome(ResearchAgent(server, toolset, cfg.agent(1)).run(problem["question"]), problem)
-                   for _ in range(n)]
+        single = ResearchAgent(server, toolset, cfg.agent(1))
+        singles = [_outcome(single.run(problem["question"]), problem) for _ in range(n)]
         record["answers"] = singles
         record["thinking_tokens"] = [s["thinking_tokens"] for s in singles]
         if "vote" in cfg.methods:
@@ -98,29 +101,14 @@ def solve(server: ServerClient, toolset, cfg: ResearchEvalConfig, problem: dict)
 def evaluate_research(url: str, problems: list[dict], toolset, cfg: ResearchEvalConfig, out: Path, title: str,
                       api_key: str | None = None, progress: bool = True) -> dict:
     """Evaluate every problem not yet in `out/results.jsonl`, then summarise all of them."""
-    from tqdm import tqdm
-
     server = ServerClient(url.rstrip("/"), api_key)
     results = out / "results.jsonl"
     done = done_keys(results)
-    todo = [i for i in range(len(problems)) if (i, 0) not in done]
+    todo = [(i, 0) for i in range(len(problems)) if (i, 0) not in done]
     start = time.monotonic()
-    with ThreadPoolExecutor(cfg.concurrency) as pool, open(results, "a") as f, \
-            tqdm(total=len(todo), desc="problems", unit="problem", disable=not progress, dynamic_ncols=True) as bar:
-        if done and progress:
-            bar.write(f"resuming: {len(done)} problems already in {results}")
-        futures = {pool.submit(solve, server, toolset, cfg, problems[i]): i for i in todo}
-        try:
-            for future in as_completed(futures):
-                f.write(json.dumps({"problem": futures[future], "sample": 0, **future.result()}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                bar.update()
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
-    records = [json.loads(line) for line in results.read_text().splitlines()]
+    records = append_results(results, todo, lambda i: solve(server, toolset, cfg, problems[i]), cfg.concurrency,
+                             f"resuming: {len(done)} problems already in {results}" if done and progress else None,
+                             progress)
     summary = report.summarize(records, list(cfg.ks))
     summary["agents"] = agent_table(records, cfg)
     summary["seconds"] = round(time.monotonic() - start, 1)
@@ -134,25 +122,23 @@ def evaluate_research(url: str, problems: list[dict], toolset, cfg: ResearchEval
     return summary
 
 
+AGENT_COLUMNS = ("steps", "tool_calls", "total_tokens", "prefilled_tokens")
+
+
 def agent_table(records: list[dict], cfg: ResearchEvalConfig) -> list[dict]:
     """Per method: mean steps, tool calls, generated and prefilled tokens per problem."""
-    def mean(values):
-        values = list(values)
-        return sum(values) / len(values) if values else float("nan")
+    def row(name: str, per_problem) -> dict:
+        """`per_problem(record, column)`: the method's figure on one problem."""
+        return {"name": name, **{c: sum(per_problem(r, c) for r in records) / len(records) for c in AGENT_COLUMNS}}
 
     rows = []
-    if records and "answers" in records[0]:
-        runs = [a for r in records for a in r["answers"]]
-        rows.append({"name": "single", **{key: mean(a[key] for a in runs) for key in
-                                          ("steps", "tool_calls", "total_tokens", "prefilled_tokens")}})
+    if records and "answers" in records[0]:  # a problem's single figure: the mean of its agents'
+        rows.append(row("single", lambda r, c: sum(a[c] for a in r["answers"]) / len(r["answers"])))
     for k in cfg.ks:
         if records and "vote" in records[0]:
-            firsts = [r["answers"][:k] for r in records]
-            rows.append({"name": f"vote@{k}", **{key: mean(sum(a[key] for a in agents) for agents in firsts)
-                                                 for key in ("steps", "tool_calls", "total_tokens", "prefilled_tokens")}})
+            rows.append(row(f"vote@{k}", lambda r, c, k=k: sum(a[c] for a in r["answers"][:k])))
         if records and "merge" in records[0]:
-            rows.append({"name": f"merge@{k}", **{key: mean(r["merge"][str(k)][key] for r in records)
-                                                  for key in ("steps", "tool_calls", "total_tokens", "prefilled_tokens")}})
+            rows.append(row(f"merge@{k}", lambda r, c, k=k: r["merge"][str(k)][c]))
     return rows
 
 
@@ -204,8 +190,7 @@ def main(argv: list[str]) -> int:
                              system_prompt=args.system_prompt.read_text() if args.system_prompt else SYSTEM_PROMPT)
     try:
         problems = load_problems(args.dataset, "research", limit=args.limit)
-        toolset = build_toolset("local", corpus=args.corpus, visit=cfg.visit, top_k=cfg.top_k,
-                                page_chars=cfg.page_chars)
+        toolset = cfg.toolset(args.corpus)
         check_config(args.out, asdict(cfg) | {"corpus": str(Path(args.corpus).resolve())},
                      str(Path(args.dataset).resolve()))
         with running(args.url, args.model_path) as url:
@@ -240,7 +225,7 @@ def demo(url: str | None, out: Path, *, ks: tuple[int, ...], problems: int, conc
          api_key: str | None = None) -> dict:
     """`sgl-merge demo --tasks research`: the tiny research model on the bundled synthetic task."""
     cfg = researcher_config(ks, concurrency)
-    toolset = build_toolset("local", corpus=str(CORPUS), visit=False, top_k=cfg.top_k)
+    toolset = cfg.toolset(CORPUS)
     check_config(out, asdict(cfg), str(HELDOUT))
     questions = load_problems(HELDOUT, "research", limit=problems)
     print(f"\n== task research: {len(questions)} problems ({HELDOUT.name}, the tiny research model) ==")
