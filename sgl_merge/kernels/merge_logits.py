@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -162,9 +163,36 @@ def merge_logits_reference(
         logits[members] = merged.to(logits.dtype)
 
 
+@dataclass(frozen=True)
+class GatherPlan:
+    """What the torch path reads off the group tables, derived once per batch change (`gather_plan`)
+    rather than at every step: the row each [G, K_MAX] slot reads (a padding slot: its group's first
+    member), which slots are members, whether every slot is a member with a positive weight
+    (`dense`, host side: then the weighted sum needs no masking pass), and where the slots are one run
+    of consecutive rows, group after group (`span`, the usual layout of a batch of merge groups: the
+    merge then reads and writes that block in place, with no gather or scatter)."""
+
+    rows: torch.Tensor  # [G * K_MAX] int64
+    live: torch.Tensor  # [G, K_MAX, 1] bool
+    dense: bool
+    span: tuple[int, int] | None  # (first row, end) where dense and rows == first .. end - 1
+
+
+def gather_plan(group_rows: torch.Tensor, group_weights: torch.Tensor) -> GatherPlan:
+    """The torch path's `GatherPlan` for these tables. `dense` is read on the host: call it when the
+    batch changes (on CPU, or where the Triton kernels are unavailable), not every step."""
+    members = group_rows >= 0
+    rows = torch.where(members, group_rows, group_rows[:, :1]).flatten().long()
+    dense = bool((members & (group_weights > 0)).all())
+    first = int(rows[0])
+    run = dense and bool((rows == torch.arange(first, first + rows.numel(), device=rows.device)).all())
+    return GatherPlan(rows=rows, live=members[..., None], dense=dense,
+                      span=(first, first + rows.numel()) if run else None)
+
+
 def merge_logits_torch(
     logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor,
-    group_taus: torch.Tensor, modes: frozenset[int] | None = None,
+    group_taus: torch.Tensor, modes: frozenset[int] | None = None, plan: GatherPlan | None = None,
 ) -> None:
     """Vectorised torch merge (the CPU runtime's path): gathers every group's members into a
     `[G, K_MAX, V]` fp32 scratch, merges all groups at once and scatters the result back.
@@ -176,21 +204,26 @@ def merge_logits_torch(
 
     `modes` (host side, e.g. from `modes_of` when the batch changed): the modes the groups use, if
     known. A batch of mode "logits" groups only, the default, then takes the weighted sum alone
-    (scratch 1 x G x K_MAX x V) instead of evaluating every mode's formula.
+    (scratch 1 x G x K_MAX x V) instead of evaluating every mode's formula. `plan`: the tables'
+    `gather_plan`, where the caller keeps it from the batch change (else derived here, with a host
+    read of `dense`).
     """
     n_groups, k_max = group_rows.shape
     if n_groups == 0:
         return
     _check_layout(logits, group_rows, group_weights, group_modes, group_taus)
-    live = (group_rows >= 0)[..., None]  # [G, K, 1]
-    rows = torch.where(live[..., 0], group_rows, group_rows[:, :1]).flatten().long()
-    z = logits.index_select(0, rows).view(n_groups, k_max, -1).float()
+    plan = plan or gather_plan(group_rows, group_weights)
+    block = None if plan.span is None else logits[plan.span[0]:plan.span[1]].unflatten(0, (n_groups, k_max))
+    z = (logits.index_select(0, plan.rows).view(n_groups, k_max, -1) if block is None else block).float()
     w = group_weights.view(n_groups, k_max, 1)
     if modes is not None and modes <= {MODE_LOGITS}:
-        merged = _weighted_sum(z, w, live)
+        merged = (w * z).sum(1) if plan.dense else _weighted_sum(z, w, plan.live)
     else:
-        merged = _merge_any_mode(z, w, live, group_modes.view(n_groups, 1, 1), group_taus.view(-1, 1, 1))
-    logits.index_copy_(0, rows, merged.to(logits.dtype).unsqueeze(1).expand(-1, k_max, -1).flatten(0, 1))
+        merged = _merge_any_mode(z, w, plan.live, group_modes.view(n_groups, 1, 1), group_taus.view(-1, 1, 1))
+    if block is not None:
+        block.copy_(merged.unsqueeze(1))  # into every member row of the block (merged is a new tensor)
+        return
+    logits.index_copy_(0, plan.rows, merged.to(logits.dtype).unsqueeze(1).expand(-1, k_max, -1).flatten(0, 1))
 
 
 def _weighted_sum(y: torch.Tensor, w: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -447,14 +480,15 @@ def warm_up(device: torch.device | str, vocab: int, dtypes=(torch.float32,), wid
 
 def merge_logits_(
     logits: torch.Tensor, group_rows: torch.Tensor, group_weights: torch.Tensor, group_modes: torch.Tensor,
-    group_taus: torch.Tensor, modes: frozenset[int] | None = None,
+    group_taus: torch.Tensor, modes: frozenset[int] | None = None, plan: GatherPlan | None = None,
 ) -> None:
     """Merge in place: the Triton kernels on CUDA tensors (unless they failed to compile here), the
-    vectorised torch path elsewhere. `modes`: the modes in use, where the caller knows them."""
+    vectorised torch path elsewhere. `modes`: the modes in use, where the caller knows them; `plan`:
+    the torch path's `gather_plan`, where the caller keeps one."""
     tables = (group_rows, group_weights, group_modes, group_taus)
     if merge_backend(logits.device) == "triton":
         try:
             return merge_logits_triton(logits, *tables, modes=modes)
         except Exception as e:  # noqa: BLE001 - a width or dtype not warmed failed to compile
             disable_triton(f"{type(e).__name__}: {e}")
-    merge_logits_torch(logits, *tables, modes=modes)
+    merge_logits_torch(logits, *tables, modes=modes, plan=plan)

@@ -23,7 +23,7 @@ from http import HTTPStatus
 import torch
 
 from sgl_merge.contract.join import KEEP_KEY
-from sgl_merge.kernels.merge_logits import merge_logits_, modes_of, pack_groups, to_device
+from sgl_merge.kernels.merge_logits import GatherPlan, gather_plan, merge_backend, merge_logits_, modes_of, pack_groups, to_device
 from sgl_merge.runtime.groups import member_spec
 
 logger = logging.getLogger("sgl_merge")
@@ -39,7 +39,10 @@ INFO_KEY = "sgl_merge"
 # Agreement counters: [slot, (agreed steps, merged steps)] int32 on the scheduler's device, one slot
 # per member for its whole life (retractions included). Slots are handed out round-robin, so a
 # slot comes back only after SLOTS later members: long after any step still in flight for it.
+# Rows of a batch that are in no group count into one spare slot past the end, never read: every
+# row is counted in one pass, without first selecting the members' rows.
 SLOTS = 1 << 16
+SPARE_SLOT = SLOTS
 _stats: torch.Tensor | None = None
 _next_slot = 0
 # The step result the scheduler is processing: (MergeMap, counters on the host, copy event).
@@ -56,10 +59,11 @@ class MergeMap:
     group_modes: torch.Tensor  # [G] int32
     group_taus: torch.Tensor  # [G] float32
     modes: frozenset  # the modes of the groups (host side: picks the kernel work)
+    plan: GatherPlan | None  # the torch merge path's gather plan (None where the kernels run)
     leader: torch.Tensor  # [N] int64: each row's group leader (itself when ungrouped)
-    member_rows: torch.Tensor  # [M] int64: the rows that belong to a merge group
-    member_slots: torch.Tensor  # [M] int64: their agreement counter slots
-    ones: torch.Tensor  # [M] int32
+    row_slots: torch.Tensor  # [N] int64: each row's agreement counter slot (SPARE_SLOT when ungrouped)
+    member_slots: torch.Tensor  # [M] int64: the members' slots, in `members` order
+    counted: torch.Tensor  # [N, 2] int32: a step's (agreed, 1) per row, column 0 rewritten each step
     members: list  # [M] the requests of those rows, in the same order
     index: dict  # id(request) -> its position in `members`
 
@@ -67,7 +71,7 @@ class MergeMap:
 def _counters(device) -> torch.Tensor:
     global _stats
     if _stats is None:
-        _stats = torch.zeros((SLOTS, 2), dtype=torch.int32, device=device)
+        _stats = torch.zeros((SLOTS + 1, 2), dtype=torch.int32, device=device)
     return _stats
 
 
@@ -127,6 +131,9 @@ def build_map(reqs: list, device) -> MergeMap | None:
             leader[i] = rows[0]
     member_rows = [i for rows in groups for i in rows]
     members = [reqs[i] for i in member_rows]
+    member_slots = _slots(members, device)
+    row_slots = torch.full((len(reqs),), SPARE_SLOT, dtype=torch.int64, device=device)
+    row_slots[to_device(torch.tensor(member_rows, dtype=torch.int64), device)] = member_slots
     return MergeMap(
         reqs=list(reqs),
         group_rows=group_rows,
@@ -134,10 +141,11 @@ def build_map(reqs: list, device) -> MergeMap | None:
         group_modes=group_modes,
         group_taus=group_taus,
         modes=modes_of(spec.mode for spec in specs),
+        plan=gather_plan(group_rows, group_weights) if merge_backend(device) == "torch" else None,
         leader=to_device(torch.tensor(leader, dtype=torch.int64), device),
-        member_rows=to_device(torch.tensor(member_rows, dtype=torch.int64), device),
-        member_slots=_slots(members, device),
-        ones=torch.ones(len(members), dtype=torch.int32, device=device),
+        row_slots=row_slots,
+        member_slots=member_slots,
+        counted=torch.ones((len(reqs), 2), dtype=torch.int32, device=device),
         members=members,
         index={id(r): j for j, r in enumerate(members)},
     )
@@ -196,12 +204,12 @@ def sample(original, sampler, logits_output, sampling_info, *args, **kwargs):
     logits = logits_output.next_token_logits
     # Each row's own choice before merging (read in place: no copy of the rows), for agreement.
     own = logits.argmax(dim=-1)
-    merge_logits_(logits, m.group_rows, m.group_weights, m.group_modes, m.group_taus, modes=m.modes)
+    merge_logits_(logits, m.group_rows, m.group_weights, m.group_modes, m.group_taus, modes=m.modes, plan=m.plan)
     ids = original(sampler, logits_output, sampling_info, *args, **kwargs)
-    ids = ids[m.leader]
-    agree = own.index_select(0, m.member_rows) == ids.index_select(0, m.member_rows)
+    ids = ids.index_select(0, m.leader)
+    m.counted[:, 0].copy_(own == ids)  # (agreed, 1) per row; rows in no group go to the spare slot
     stats = _stats
-    stats.index_add_(0, m.member_slots, torch.stack((agree.to(torch.int32), m.ones), dim=1))
+    stats.index_add_(0, m.row_slots, m.counted)
     counts, copied = stats.index_select(0, m.member_slots), None
     if counts.is_cuda:  # read on the host once this event has passed (SGLang waits for its own copy there)
         host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)

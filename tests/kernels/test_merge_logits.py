@@ -11,6 +11,7 @@ comparison also runs natively in-process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 
 from sgl_merge.kernels.merge_logits import (
     MODES,
+    gather_plan,
     merge_logits_,
     merge_logits_reference,
     merge_logits_torch,
@@ -252,6 +254,37 @@ def test_torch_path_covers_every_group_size():
     sizes = list(range(1, 17))
     for dtype in (torch.float32, torch.bfloat16):
         assert mismatch(merge_logits_torch, random_case(7, sizes, 5, 1031, dtype), "cpu") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_path_merges_a_block_of_consecutive_rows_in_place(dtype):
+    """Groups that fill consecutive rows (the usual batch of merge groups) are merged in place, with
+    no gather: bit-identical to the gathered merge, also on logits whose rows are a slice of wider
+    ones (a padded vocabulary), with rows outside the block left alone."""
+    gen = torch.Generator().manual_seed(5)
+    wide = 3 * torch.randn(11, 520, generator=gen)
+    wide[torch.rand(11, 520, generator=gen) < 0.05] = -INF
+    wide = wide.to(dtype)
+    groups = [(list(range(2 + 4 * g, 6 + 4 * g)), (0.5 + torch.rand(4, generator=gen)).tolist(), "logits")
+              for g in range(2)]
+    tables = pack_groups(groups)
+    plan = gather_plan(tables[0], tables[1])
+    assert plan.dense and plan.span == (2, 10)
+    in_place, gathered = wide[:, :500].clone(), wide.clone()[:, :500]
+    assert in_place.stride(0) == 500 and gathered.stride(0) == 520
+    merge_logits_torch(in_place, *tables, modes=frozenset({MODES["logits"]}), plan=plan)
+    merge_logits_torch(gathered, *tables, modes=frozenset({MODES["logits"]}),
+                       plan=dataclasses.replace(plan, span=None))
+    assert torch.equal(bits(in_place), bits(gathered))
+    assert torch.equal(bits(in_place[[0, 1, 10]]), bits(wide[[0, 1, 10], :500]))
+    assert mismatch(merge_logits_torch, (wide[:, :500], tables, [0, 1, 10]), "cpu") is None
+
+
+def test_gather_plan_of_padded_or_scattered_groups_gathers():
+    padded = pack_groups([([0, 1, 2], [1, 1, 1], "logits"), ([3, 4], [1, 1], "logits")], k_max=4)
+    scattered = pack_groups([([1, 0], [1, 1], "logits")])
+    assert (gather_plan(*padded[:2]).dense, gather_plan(*padded[:2]).span) == (False, None)
+    assert gather_plan(*scattered[:2]).dense and gather_plan(*scattered[:2]).span is None
 
 
 def test_dispatch_uses_the_torch_path_on_cpu():
