@@ -40,11 +40,11 @@ from pathlib import Path
 
 import requests
 
-from sgl_merge import confidence
-from sgl_merge.contract.join import JOIN_KEY, KEEP_KEY
+from sgl_merge import confidence, traces as engine
+from sgl_merge.contract.join import JOIN_KEY
 from sgl_merge.contract.merge import KEY
 from sgl_merge.contract.parathink_layout import (SUMMARY_OPEN, SUMMARY_PREFIX, THINK_CLOSE, THINK_OPEN, find_control_ids,
-                                                 has_layout, path_ids, path_logit_bias, summary_logit_bias)
+                                                 has_layout, summary_logit_bias)
 from sgl_merge.evaluation.scoring import correct, vote_key
 from sgl_merge.frontend.merge import ServerClient, api_key_message, majority
 
@@ -110,7 +110,7 @@ class Server:
         # ParaThinker's layout, where the model has it: numbered paths, a `<summary>` after them;
         # else parathink's answer follows the plain traces as it follows </think>.
         self.controls = find_control_ids(self._single) if has_layout(self._single) else {}
-        self.numbered_paths = path_ids(self.controls, 1) is not None
+        self.numbered_paths = bool(engine.numbered_paths(self.controls, 1))
         self.summary_prefix = ([self.controls[SUMMARY_OPEN]] if self.numbered_paths
                                else self.tokenize(SUMMARY_PREFIX["plain"]))
 
@@ -118,14 +118,14 @@ class Server:
         ids = self.tokenize(text)
         return ids[0] if len(ids) == 1 else None
 
-    def path_delimiters(self, i: int) -> tuple[list[int], int]:
-        """A ParaThinker's path i (from 1): the ids of `<think{i}>` (the model writes what follows, as
-        in the frontend's `sgl_merge.parathink`) and of `</think{i}>`."""
-        ids = path_ids(self.controls, i)
-        if ids is None:
-            raise EvalError(f"the model at {self.url} has no single </think{i}> token: its ParaThinker layout has "
-                            f"fewer than {i} paths; pass a smaller --k")
-        return [ids[0]], ids[1]
+    def paths(self, n: int) -> list[engine.Path]:
+        """A ParaThinker's paths 1..n (`<think{i}>` ... `</think{i}>`: the model writes what follows
+        the opening, as in the frontend's `sgl_merge.parathink`)."""
+        paths = engine.numbered_paths(self.controls, n)
+        if len(paths) < n:
+            raise EvalError(f"the model at {self.url} has no single </think{len(paths) + 1}> token: its ParaThinker "
+                            f"layout has fewer than {n} paths; pass a smaller --k")
+        return paths
 
     def post(self, path: str, body: dict):
         try:
@@ -158,26 +158,24 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
     """One problem, one sample: the traces, each method's answer and whether it is right."""
     prompt, opener = server.prompt_ids(cfg.prompt_for(problem))
     n = cfg.traces
-    thinking = {"temperature": cfg.thinking_temperature, "max_new_tokens": cfg.thinking_budget,
-                "stop_token_ids": [server.close_id], "skip_special_tokens": False}
-    inputs, params = [prompt] * n, [thinking] * n
+    inputs = [prompt] * n
+    params = [engine.thinking_params(cfg.thinking_budget, cfg.thinking_temperature, [server.close_id])] * n
     numbered = "parathink" in cfg.methods and server.numbered_paths
     if numbered:  # a ParaThinker's own paths, sampled beside the traces
         bare = prompt[:len(prompt) - opener]
-        delimiters = [server.path_delimiters(i) for i in range(1, max(cfg.ks) + 1)]
-        inputs += [bare + path_open for path_open, _ in delimiters]
-        params += [{**thinking, "stop_token_ids": [close], "logit_bias": path_logit_bias(server.controls, i)}
-                   for i, (_, close) in enumerate(delimiters, 1)]
+        paths = server.paths(max(cfg.ks))
+        inputs += [bare + [path.open_id] for path in paths]
+        params += [{**engine.thinking_params(cfg.thinking_budget, cfg.thinking_temperature, [path.close_id]),
+                    "logit_bias": path.logit_bias} for path in paths]
     outs = server.generate(inputs, params)
     traces = outs[:n]
-    contexts = [prompt + _closed(t["output_ids"], server.close_id) for t in traces]
+    contexts = [prompt + engine.closed(t["output_ids"], server.close_id) for t in traces]
     answer = {"temperature": cfg.answer_temperature, "max_new_tokens": cfg.answer_tokens}
     record: dict = {"thinking_tokens": [t["meta_info"]["completion_tokens"] for t in traces]}
     if numbered:
-        paths = outs[n:]
-        path_contexts = [input_ids + _closed(o["output_ids"], close)
-                         for input_ids, o, (_, close) in zip(inputs[n:], paths, delimiters)]
-        record["path_tokens"] = [o["meta_info"]["completion_tokens"] for o in paths]
+        path_contexts = [input_ids + engine.closed(o["output_ids"], path.close_id)
+                         for input_ids, o, path in zip(inputs[n:], outs[n:], paths)]
+        record["path_tokens"] = [o["meta_info"]["completion_tokens"] for o in outs[n:]]
     inputs, params = [], []
     if {"single", "vote"} & set(cfg.methods):
         inputs += contexts
@@ -190,17 +188,15 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
     groups = []  # (record key, k, member indices, weights)
     for weighting in cfg.weightings if merge_ks else ():
         for k in merge_ks:
-            members, weights = list(range(k)), [1.0] * k
-            if weighting == "confidence":
-                weights = confidence.merge_weights(record["confidence"][:k])
-            elif weighting == "adaptive":
-                members = confidence.most_confident(record["confidence"][:k], cfg.keep(k))
-                weights = [1.0] * len(members)
-            groups.append((WEIGHTINGS[weighting], k, members, weights))
+            # "adaptive" is the server's keep: the most confident, uniformly weighted
+            choice = engine.choose(k, "confidence" if weighting == "confidence" else "uniform",
+                                   cfg.keep(k) if weighting == "adaptive" else None,
+                                   record.get("confidence", [])[:k])
+            groups.append((WEIGHTINGS[weighting], k, choice.kept, choice.weights))
     for _, _, members, weights in groups:
-        entry = {"group": uuid.uuid4().hex, "size": len(members), "mode": cfg.mode}
+        group = uuid.uuid4().hex
         inputs += [contexts[i] for i in members]
-        params += [{**answer, "custom_params": {KEY: {**entry, "weight": w}}} for w in weights]
+        params += [engine.with_entry(answer, KEY, engine.member_entry(group, len(members), cfg.mode, w)) for w in weights]
     outs = server.generate(inputs, params)
     if {"single", "vote"} & set(cfg.methods):
         own, outs = outs[:n], outs[n:]
@@ -227,23 +223,18 @@ def solve(server: Server, cfg: EvalConfig, problem: dict) -> dict:
     return record
 
 
-def _closed(ids: list[int], close_id: int) -> list[int]:
-    """A generated trace, its closing token appended where the budget ran out first."""
-    return ids if ids[-1:] == [close_id] else ids + [close_id]
-
-
 def _parathink(server: Server, cfg: EvalConfig, problem: dict, contexts: list[list[int]], prompt_len: int,
                answer: dict) -> dict:
     """parathink@k for every k: the traces kept once, one join per k, then released."""
     tag = uuid.uuid4().hex[:12]
     rids = [f"eval-{tag}-{i}" for i in range(len(contexts))]
     owner = secrets.token_urlsafe(18)
-    keep = {"max_new_tokens": 0, "custom_params": {KEEP_KEY: {"owner": owner}}}
+    keep = engine.keep_params(owner)
     server.post("/generate", {"input_ids": contexts, "rid": rids, "sampling_params": [keep] * len(contexts)})
     try:
         ks = sorted(cfg.ks)
-        params = [{**answer, "custom_params": {JOIN_KEY: {
-            "sources": rids[:k], "owner": owner, "prompt_len": prompt_len, "release_sources": False}}} for k in ks]
+        params = [engine.with_entry(answer, JOIN_KEY, engine.join_entry(rids[:k], owner, prompt_len,
+                                                                         release_sources=False)) for k in ks]
         outs = server.generate([server.summary_prefix] * len(ks), params)
     finally:
         server.post("/sgl_merge/release", {"rids": rids, "owner": owner})

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint as _SGLangRuntimeEndpoint
 
-from sgl_merge.contract.join import JOIN_KEY, KEEP_KEY, POSITIONS
+from sgl_merge import traces as engine
+from sgl_merge.contract.join import JOIN_KEY, POSITIONS
 from sgl_merge.frontend.merge import MergeError, _ensure, ServerClient
 
 DEFAULT_KEEP_TTL_S = 600.0
@@ -80,10 +81,8 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
         if any(not rest for rest in rests):
             return  # nothing after the join (or another text): sent as it is, a plain computation
         data["text"] = rests if many else rests[0]
-        params = data["sampling_params"] = dict(data.get("sampling_params") or {})
-        params["custom_params"] = {**(params.get("custom_params") or {}), JOIN_KEY: {
-            "sources": joined.sources, "owner": joined.owner, "prompt_len": joined.prompt_len, "positions": self.positions,
-            "release_sources": False}}
+        data["sampling_params"] = engine.with_entry(data.get("sampling_params"), JOIN_KEY, engine.join_entry(
+            joined.sources, joined.owner, joined.prompt_len, self.positions, release_sources=False))
 
     def concatenate_and_append(self, src_rids, dst_rid):
         forks = [self._states.get(rid) for rid in src_rids]  # each committed its text just before
@@ -100,8 +99,8 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
         for fork in forks:
             rid = f"sgl-merge-fork-{uuid.uuid4().hex}"
             try:
-                self._generate({"text": fork.text_, "rid": rid, "sampling_params": {"max_new_tokens": 0, "custom_params": {
-                    KEEP_KEY: {"ttl_s": self.keep_ttl_s, "owner": owner}}}}, f"fork {fork.sid}")
+                self._generate({"text": fork.text_, "rid": rid, "sampling_params": engine.keep_params(owner, self.keep_ttl_s)},
+                               f"fork {fork.sid}")
             except MergeError:
                 self._release(sources, owner)
                 raise

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from sgl_merge import confidence
+from sgl_merge import confidence, traces as engine
 from sgl_merge.contract.join import busy_pauses
 from sgl_merge.contract.parathink_layout import THINK_CLOSE, THINK_OPEN
 
@@ -272,21 +272,9 @@ def _prepare(forks, mode, weights, tau, return_logprob, sampling) -> _Merge:
             raise MergeError(f"merge_gen: fork {i} failed before the merge: {ex.error_}")
     key = _routing_key(executors)
     contexts = [_context(server, ex, key) for ex in executors]
-    body = merge_body(contexts, _sampling(sampling), mode=mode, weights=weights, tau=tau)
+    body = engine.merge_body(contexts, _sampling(sampling), mode=mode, weights=weights, tau=tau)
     body["return_logprob"] = return_logprob
     return _Merge(server, executors, contexts, body, key)
-
-
-def merge_body(contexts: list[list[int]], sampling_params: dict, *, mode: str = "logits",
-               weights: list[float] | None = None, tau: float | None = None) -> dict:
-    """The /generate body of one merge group over `contexts` (token ids): one request with one shared
-    sampling_params, the shape SGLang's gateway sends whole to one worker."""
-    entry = {"group": uuid.uuid4().hex, "size": len(contexts), "mode": mode}
-    if weights is not None:
-        entry["weights"] = list(weights)
-    if tau is not None:
-        entry["tau"] = tau
-    return {"input_ids": contexts, "sampling_params": {**sampling_params, "custom_params": {"sgl_merge": entry}}}
 
 
 def merge_gen(forks, name: str, *, mode: str = "logits", weights: list[float] | None = None,
@@ -383,22 +371,21 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
                                        [(think_close, close_ids)] * n)
     generated = [list(t["output_ids"]) for t in traces]  # what confidence scores: not a closing </think>
     for trace in traces:
-        ids = trace["output_ids"]
-        if ids[-len(close_ids):] != close_ids and not trace["text"].rstrip().endswith(think_close):
-            trace["output_ids"], trace["text"] = ids + close_ids, trace["text"] + think_close  # out of budget
+        if not trace["text"].rstrip().endswith(think_close):  # (a stop text is kept; a stop token is not)
+            ids = engine.closed(trace["output_ids"], close_ids)
+            if len(ids) > len(trace["output_ids"]):  # out of budget: closed here
+                trace["output_ids"], trace["text"] = ids, trace["text"] + think_close
     weights = None
-    if weighting == "confidence" or keep is not None:
-        scores = _confidences(server, key, prompt_ids, generated, confidence_window)
-        kept = confidence.most_confident(scores, keep) if keep else list(range(len(traces)))
-        dropped = [launched[j] for j in range(len(traces)) if j not in kept]
+    if engine.needs_confidence(weighting, keep):
+        choice = engine.choose(len(traces), weighting, keep,
+                               _confidences(server, key, prompt_ids, generated, confidence_window))
+        dropped = [launched[j] for j in choice.dropped(len(traces))]
         for i in dropped:
-            outcome[i] = "dropped, least confident"
-        traces = [traces[j] for j in kept]
-        if weighting == "confidence":
-            weights = confidence.merge_weights([scores[j] for j in kept])
-        ex.meta_info[f"{name}_confidence"] = {"confidences": scores, "dropped": dropped,
-                                              "weights": weights or [1.0] * len(traces),
-                                              "output_ids": generated}
+            outcome[i] = engine.DROPPED
+        traces = [traces[j] for j in choice.kept]
+        weights = choice.weights if weighting == "confidence" else None
+        ex.meta_info[f"{name}_confidence"] = {"confidences": choice.confidences, "dropped": dropped,
+                                              "weights": choice.weights, "output_ids": generated}
     ex.meta_info[f"{name}_traces"] = outcome
     forks = s.fork(len(traces))
     thinking = []
@@ -425,15 +412,6 @@ def _confidences(server: ServerClient, key: str, prompt_ids: list[int], ids: lis
     return confidence.scored_confidences(_post(server, confidence.scoring_request(prompt_ids, ids), key), ids, window)
 
 
-def _think_params(budget, temperature, think_close, close_ids) -> dict:
-    params = {"max_new_tokens": budget, "temperature": temperature, "skip_special_tokens": False}
-    if len(close_ids) == 1:
-        params["stop_token_ids"] = close_ids
-    else:  # a delimiter of several tokens stops as text, kept in the trace like a stop token
-        params.update(stop=[think_close], no_stop_trim=True)
-    return params
-
-
 def _think(server, key, prompts, k, budget, temperature, closes, extra=None) -> tuple[list[dict], list[str], list[int]]:
     """Run one thinking trace per prompt concurrently (`prompts[i]` ids, stopping at `closes[i]`, a
     (text, ids) pair, with `extra[i]` sampling parameters where given); return the first k to finish (ending the rest), each launched trace's
@@ -442,44 +420,43 @@ def _think(server, key, prompts, k, budget, temperature, closes, extra=None) -> 
     `/abort_request` is not served."""
     n = len(prompts)
     traces = [_Trace(rid=f"think-{uuid.uuid4().hex}") for _ in range(n)]
-    done: list[_Trace] = []
+    trace_set = engine.TraceSet(n, k)
+    ended = 0
     cond = threading.Condition()
     enough = threading.Event()
 
-    def run(trace):
-        i = traces.index(trace)
+    def run(i):
+        nonlocal ended
         body = {"input_ids": prompts[i],
-                "sampling_params": {**_think_params(budget, temperature, *closes[i]), **(extra[i] if extra else {})},
-                "rid": trace.rid, "stream": True}
+                "sampling_params": {**engine.thinking_params(budget, temperature, closes[i][1], closes[i][0]),
+                                    **(extra[i] if extra else {})},
+                "rid": traces[i].rid, "stream": True}
         try:
-            trace.result = _stream_until(server, body, key, enough)
+            traces[i].result = _stream_until(server, body, key, enough)
         except (MergeError, requests.RequestException) as e:
-            trace.result, trace.error = {"error": str(e)}, e
+            traces[i].error = e
         with cond:
-            done.append(trace)
+            trace_set.finish(i, traces[i].result, traces[i].error)
+            ended += 1
             cond.notify_all()
 
-    threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in traces]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
     with cond:
-        cond.wait_for(lambda: sum(_finished_thinking(t) for t in done) >= k or len(done) == n)
-        chosen = [t for t in done if _finished_thinking(t)][:k]
-    enough.set()
-    for t in traces:
-        if t not in chosen and t not in done:
-            server.post("/abort_request", {"rid": t.rid}, route=key, timeout=30, check=False)
+        cond.wait_for(lambda: trace_set.enough or ended == n)
+        enough.set()
+        running = [t for i, t in enumerate(traces) if t.result is None and t.error is None]
+    for t in running:
+        server.post("/abort_request", {"rid": t.rid}, route=key, timeout=30, check=False)
     for t in threads:
         t.join()
-    if len(chosen) < k:
-        refused = next((t.error for t in done if isinstance(t.error, APIKeyError)), None)
+    if (shortfall := trace_set.shortfall("thinking traces")) is not None:
+        refused = next((t.error for t in traces if isinstance(t.error, APIKeyError)), None)
         if refused is not None:
             raise APIKeyError(str(refused)) from refused
-        errors = [t.result.get("error") for t in done if t.result and "error" in t.result]
-        raise MergeError(f"think_merge: only {len(chosen)} of {k} thinking traces finished: {errors[:1]}")
-    outcome = ["merged" if t in chosen else "finished, unused" if _finished_thinking(t) else "aborted"
-               for t in traces]
-    return [t.result for t in chosen], outcome, [traces.index(t) for t in chosen]
+        raise MergeError(f"think_merge: {shortfall}")
+    return [trace_set.results[i] for i in trace_set.used], trace_set.outcomes, trace_set.used
 
 
 def _stream_until(server: ServerClient, body: dict, key: str, stop: threading.Event) -> dict:
@@ -501,11 +478,6 @@ def _stream_until(server: ServerClient, body: dict, key: str, stop: threading.Ev
     if last is None:
         raise MergeError("a thinking trace's stream ended without output")
     return last
-
-
-def _finished_thinking(trace: _Trace) -> bool:
-    r = trace.result
-    return bool(r) and "error" not in r and (r.get("meta_info", {}).get("finish_reason") or {}).get("type") != "abort"
 
 
 # ------------------------------------------------------------------ vote

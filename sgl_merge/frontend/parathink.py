@@ -33,7 +33,8 @@ from sgl_merge.frontend.merge import (
     tokenize,
     trace_counts,
 )
-from sgl_merge.contract.join import JOIN_KEY, KEEP_KEY, POSITIONS
+from sgl_merge import traces as engine
+from sgl_merge.contract.join import JOIN_KEY, POSITIONS
 from sgl_merge.contract.parathink_layout import (PATH_CLOSE, PATH_OPEN, SUMMARY_PREFIX, find_control_ids, has_layout,
                                                  path_logit_bias, summary_logit_bias)
 
@@ -119,10 +120,8 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     for trace, i in zip(traces, launched):
         ids, text = list(trace["output_ids"]), trace["text"]
         think_close, close = closes[i], close_ids[i]
-        closed_text = text.rstrip().endswith(think_close)
-        if ids[-len(close):] != close and not closed_text:
-            ids = ids + close  # out of budget: closed here
-        if not closed_text:  # SGLang's text leaves out a stop token
+        if not text.rstrip().endswith(think_close):  # (a stop text is kept; a stop token is not)
+            ids = engine.closed(ids, close)  # closed here where it ran out of budget
             text += think_close
         path_ids.append(open_ids[i] + ids)
         texts.append(opens[i] + text)
@@ -132,12 +131,10 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     try:
         for ids in path_ids:
             rid = f"parathink-{uuid.uuid4().hex}"
-            _post(server, {"input_ids": prompt_ids + ids, "rid": rid,
-                        "sampling_params": {"max_new_tokens": 0, "custom_params": {KEEP_KEY: {"owner": owner}}}}, key)
+            _post(server, {"input_ids": prompt_ids + ids, "rid": rid, "sampling_params": engine.keep_params(owner)}, key)
             sources.append(rid)
         continuation = tokenize(server, summary_prefix, key)
-        join = {"sources": sources, "owner": owner, "prompt_len": len(prompt_ids), "positions": positions, "release_sources": True}
-        sampling["custom_params"] = {**(sampling.get("custom_params") or {}), JOIN_KEY: join}
+        sampling = engine.with_entry(sampling, JOIN_KEY, engine.join_entry(sources, owner, len(prompt_ids), positions))
         out = _post(server, {"input_ids": continuation, "sampling_params": sampling}, key)
     except MergeError:
         if sources:  # the join never ran: let go of what was kept for it

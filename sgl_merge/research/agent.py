@@ -7,7 +7,7 @@ Each step of `ResearchAgent.run`:
 2. The branches decide as one. A merge group chooses between `<tool_call>` and `<answer>`; a tool
    call is then a second merge group constrained to the JSON schema of a call to any of the tools
    (`{"name": ..., "arguments": {...}}`), a final answer a merge group up to `</answer>`. The merge
-   requests are `merge_gen`'s own (`sgl_merge.frontend.merge.merge_body`).
+   requests are `merge_gen`'s own (`sgl_merge.traces.merge_body`).
 3. The tool runs once; its result joins the history as `<tool_response>`.
 
 The layout is the one Qwen-family research models are trained on (Tongyi DeepResearch, WebSailor,
@@ -28,8 +28,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from sgl_merge.frontend.merge import MergeError, ServerClient, ensure_merge_server, merge_body, tokenize
+from sgl_merge.frontend.merge import MergeError, ServerClient, ensure_merge_server, tokenize
 from sgl_merge.research.tools import Toolset
+from sgl_merge.traces import merge_body
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"

@@ -27,9 +27,10 @@ import functools
 import secrets
 from http import HTTPStatus
 
-from sgl_merge.contract.join import JOIN_KEY, KEEP_KEY, busy_pauses
-from sgl_merge.contract.parathink_layout import (PATH_CLOSE, PATH_OPEN, SUMMARY_OPEN, SUMMARY_PREFIX, find_control_ids,
-                                                 has_layout, path_logit_bias, summary_logit_bias)
+from sgl_merge import traces as engine
+from sgl_merge.contract.join import JOIN_KEY, busy_pauses
+from sgl_merge.contract.parathink_layout import (PATH_OPEN, SUMMARY_OPEN, SUMMARY_PREFIX, find_control_ids, has_layout,
+                                                 summary_logit_bias)
 from sgl_merge.contract.think import PARATHINK, ParaThinkConfig, ThinkMergeError
 from sgl_merge.runtime.join import release_rid
 from sgl_merge.serving.think_merge import last_output
@@ -46,28 +47,23 @@ def _control_ids(tokenizer) -> dict[str, int]:
     return find_control_ids(lambda text: _single_token(tokenizer, text))
 
 
-def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[tuple[str, int, dict]] | None:
-    """ParaThinker's paths for this call, each path's opening text, closing token id and logit bias
-    (no other control token sampled inside it, `path_logit_bias`), or None
+def path_layout(tokenizer, config: ParaThinkConfig, model_path: str) -> list[engine.Path] | None:
+    """ParaThinker's numbered paths for this call (`sgl_merge.traces.numbered_paths`), or None
     for plain `<think>` traces: per `config.layout`, "auto" taking ParaThinker's where the tokenizer
     has `<think1>` and `<summary>` as tokens. A "parathinker" layout the tokenizer cannot give (too
     few numbered paths, or none) is a ThinkMergeError naming `parathink.layout` or `parathink.paths`."""
     single = functools.partial(_single_token, tokenizer)
     if config.layout == "plain" or (config.layout == "auto" and not has_layout(single)):
         return None
-    controls = _control_ids(tokenizer)
-    paths = []
-    for i in range(1, config.k + 1):
-        opening, close = PATH_OPEN.format(i=i), single(PATH_CLOSE.format(i=i))
-        if single(opening) is None or close is None:
-            if i == 1 or single(SUMMARY_OPEN) is None:
-                raise ThinkMergeError(f"{PARATHINK}.layout", f'{PARATHINK}.layout is "parathinker", but the tokenizer '
-                                      f"of {model_path} has no <think1> / </think1> / <summary> tokens; use "
-                                      '"plain" (or "auto")')
-            raise ThinkMergeError(f"{PARATHINK}.paths", f"{PARATHINK}.paths is {config.k}, but {model_path} is a "
-                                  f"ParaThinker with {i - 1} numbered paths (no {opening} token); lower paths, or "
-                                  'send layout "plain"')
-        paths.append((opening, close, path_logit_bias(controls, i)))
+    paths = engine.numbered_paths(_control_ids(tokenizer), config.k)
+    if not paths or single(SUMMARY_OPEN) is None:
+        raise ThinkMergeError(f"{PARATHINK}.layout", f'{PARATHINK}.layout is "parathinker", but the tokenizer '
+                              f"of {model_path} has no <think1> / </think1> / <summary> tokens; use "
+                              '"plain" (or "auto")')
+    if len(paths) < config.k:
+        raise ThinkMergeError(f"{PARATHINK}.paths", f"{PARATHINK}.paths is {config.k}, but {model_path} is a "
+                              f"ParaThinker with {len(paths)} numbered paths (no {PATH_OPEN.format(i=len(paths) + 1)} "
+                              'token); lower paths, or send layout "plain"')
     return paths
 
 
@@ -96,14 +92,11 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
     sources, sent, owner = [], [], secrets.token_urlsafe(18)
     try:
         for trace, launched in zip(traces, call.merged_paths):
-            close = call.paths[launched][1] if call.paths else call.close_id
-            path = list(trace["output_ids"])
-            if not path or path[-1] != close:
-                path.append(close)  # ran out of budget: close it
+            close = call.paths[launched].close_id if call.paths else call.close_id
+            path = engine.closed(trace["output_ids"], close)
             rid = f"{call.rid}-path-{len(sources)}"
             keep = functools.partial(GenerateReqInput, input_ids=list(trace["prompt_token_ids"]) + path, rid=rid,
-                                     lora_path=obj.lora_path, sampling_params={
-                                         "max_new_tokens": 0, "custom_params": {KEEP_KEY: {"owner": owner}}})
+                                     lora_path=obj.lora_path, sampling_params=engine.keep_params(owner))
             rids.append(rid)
             sent.append(rid)  # from here on released however this ends: it may be kept while we wait
             out = await _keep(original, manager, raw_request, keep)
@@ -119,11 +112,8 @@ async def summarize(original, manager, obj, raw_request, call, traces: list[dict
         if call.paths:  # a ParaThinker's summary samples no control token but its own close
             params["logit_bias"] = {**(params.get("logit_bias") or {}),
                                     **summary_logit_bias(_control_ids(manager.tokenizer))}
-        params["custom_params"] = {**(params.get("custom_params") or {}), JOIN_KEY: {
-            "sources": sources, "owner": owner,
-            "prompt_len": len(traces[0]["prompt_token_ids"]) - call.opener_tokens,
-            "positions": call.config.positions}}
-        summary.sampling_params = params
+        summary.sampling_params = engine.with_entry(params, JOIN_KEY, engine.join_entry(
+            sources, owner, len(traces[0]["prompt_token_ids"]) - call.opener_tokens, call.config.positions))
         async for out in original(manager, summary, raw_request):
             yield out
     finally:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sgl_merge import confidence
+from sgl_merge import confidence, traces as engine
 from sgl_merge.contract.merge import KEY
 from sgl_merge.contract.parathink_layout import THINK_CLOSE, THINK_OPEN
 from sgl_merge.contract.think import PARATHINK, ThinkMergeConfig
@@ -62,10 +62,9 @@ class ThinkMergeCall:
     weights: list[float] = field(default_factory=list)  # the members' merge weights
     agreement: list[float | None] = field(default_factory=list)
     opener_tokens: int = 0  # the `<think>` the flow added to the route's prompt (0: it had one)
-    # parathink on a ParaThinker: each path's opening text, closing token id and logit bias
-    # (`<think{i}>`, `</think{i}>`, other control tokens barred), and which of the launched paths
-    # the summary reads; None: plain `<think>` traces
-    paths: list[tuple[str, int, dict]] | None = None
+    # parathink on a ParaThinker: its numbered paths (`<think{i}>`, `</think{i}>`, other control
+    # tokens barred), and which of the launched paths the summary reads; None: plain `<think>` traces
+    paths: list[engine.Path] | None = None
     merged_paths: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -166,51 +165,41 @@ async def _think(original, manager, obj, raw_request, call: ThinkMergeCall, rids
 
     cfg = call.config
     if call.paths:  # a ParaThinker's paths: path i from the prompt opened with its own <think{i}>
-        opened = [_trace_prompt(manager.tokenizer, obj, opening, reopen=True) for opening, _, _ in call.paths]
+        opened = [_trace_prompt(manager.tokenizer, obj, path.opening, reopen=True) for path in call.paths]
         prompts = [p for p, _ in opened]
-        closes, extra = [close for _, close, _ in call.paths], [{"logit_bias": bias} for _, _, bias in call.paths]
+        closes, extra = [path.close_id for path in call.paths], [{"logit_bias": path.logit_bias} for path in call.paths]
         call.opener_tokens = opened[0][1]  # the same for every path: one "<think{i}>" token
     else:
         prompt, call.opener_tokens = _trace_prompt(manager.tokenizer, obj)
         prompts, closes, extra = [prompt] * cfg.k, [call.close_id] * cfg.k, [{}] * cfg.k
-    params = {"max_new_tokens": cfg.thinking_budget, "temperature": cfg.thinking_temperature,
-              "skip_special_tokens": False}
-    reqs = [GenerateReqInput(**prompts[i], sampling_params={**params, "stop_token_ids": [closes[i]], **extra[i]},
-                             rid=f"{call.rid}-think-{i}", return_prompt_token_ids=True, lora_path=obj.lora_path)
+    params = [{**engine.thinking_params(cfg.thinking_budget, cfg.thinking_temperature, [closes[i]]), **extra[i]}
+              for i in range(cfg.k)]
+    reqs = [GenerateReqInput(**prompts[i], sampling_params=params[i], rid=f"{call.rid}-think-{i}",
+                             return_prompt_token_ids=True, lora_path=obj.lora_path)
             for i in range(cfg.k)]
     rids += [r.rid for r in reqs]
     index = {asyncio.ensure_future(last_output(original(manager, r, raw_request))): i for i, r in enumerate(reqs)}
-    call.outcomes = ["aborted"] * cfg.k
-    finished: dict[int, dict] = {}
-    errors: list[str] = []
+    trace_set = engine.TraceSet(cfg.k, cfg.merged)
     pending = set(index)
     try:
-        while pending and len(finished) < cfg.merged:
+        while pending and not trace_set.enough:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in sorted(done, key=index.get):
-                i = index[task]
-                out = None if task.exception() else task.result()
-                if out is None or (out["meta_info"].get("finish_reason") or {}).get("type") == "abort":
-                    call.outcomes[i] = "failed"
-                    errors.append(str(task.exception() or out["meta_info"]["finish_reason"]))
-                elif len(finished) < cfg.merged:
-                    finished[i] = out
-                    call.outcomes[i] = "merged"
-                else:
-                    call.outcomes[i] = "finished, unused"
-            call.events.put_nowait({"phase": "thinking", "traces_finished": len(finished), "k": cfg.k,
+                trace_set.finish(index[task], None if task.exception() else task.result(), task.exception())
+            call.events.put_nowait({"phase": "thinking", "traces_finished": len(trace_set.used), "k": cfg.k,
                                     "needed": cfg.merged})
     finally:
         for task in pending:
             manager.abort_request(reqs[index[task]].rid)
         await asyncio.gather(*pending, return_exceptions=True)
+    call.outcomes = trace_set.outcomes
     call.thinking_tokens = [_generated(task) for task in index]
-    if len(finished) < cfg.merged:
-        raise ValueError(f"think_merge: only {len(finished)} of the {cfg.merged} thinking traces needed finished"
-                         + (f": {errors[0]}" if errors else ""))
+    if (shortfall := trace_set.shortfall("thinking traces")) is not None:
+        raise ValueError(f"think_merge: {shortfall}")
+    finished = {i: trace_set.results[i] for i in sorted(trace_set.used)}  # in launch order
     if call.method == PARATHINK:
-        call.merged_paths = sorted(finished)
-        traces = [finished[i] for i in call.merged_paths]
+        call.merged_paths = list(finished)
+        traces = list(finished.values())
     else:
         traces = await _select(original, manager, obj, raw_request, call, finished, rids)
     call.traces = [t["text"].removesuffix(THINK_CLOSE).strip() for t in traces]
@@ -228,9 +217,8 @@ async def _select(original, manager, obj, raw_request, call: ThinkMergeCall, fin
     from sglang.srt.managers.io_struct import GenerateReqInput
 
     cfg = call.config
-    order = sorted(finished)
-    traces = [finished[i] for i in order]
-    scores = [1.0] * len(traces)
+    order = list(finished)
+    traces = list(finished.values())
     if cfg.needs_confidence:
         ids = [list(t["output_ids"]) for t in traces]
         body = confidence.scoring_request(list(traces[0]["prompt_token_ids"]), ids)
@@ -238,14 +226,13 @@ async def _select(original, manager, obj, raw_request, call: ThinkMergeCall, fin
         rids += score_rids
         outputs = await last_output(original(manager, GenerateReqInput(**body, rid=score_rids, lora_path=obj.lora_path),
                                        raw_request))
-        call.confidences = scores = confidence.scored_confidences(outputs, ids, cfg.confidence_window)
-        kept = confidence.most_confident(scores, cfg.keep) if cfg.keep else list(range(len(traces)))
-        call.dropped = [order[j] for j in range(len(traces)) if j not in kept]
-        for i in call.dropped:
-            call.outcomes[i] = "dropped, least confident"
-        traces, scores = [traces[j] for j in kept], [scores[j] for j in kept]
-    call.weights = confidence.merge_weights(scores) if cfg.weighting == "confidence" else [1.0] * len(traces)
-    return traces
+        call.confidences = confidence.scored_confidences(outputs, ids, cfg.confidence_window)
+    choice = engine.choose(len(traces), cfg.weighting, cfg.keep, call.confidences or None)
+    call.dropped = [order[j] for j in choice.dropped(len(traces))]
+    for i in call.dropped:
+        call.outcomes[i] = engine.DROPPED
+    call.weights = choice.weights
+    return [traces[j] for j in choice.kept]
 
 
 def _generated(task: asyncio.Future) -> int:
@@ -259,21 +246,15 @@ def _members(obj, call: ThinkMergeCall, traces: list[dict]) -> list:
     route's streaming and logprob settings, the others only decode."""
     members = []
     for j, trace in enumerate(traces):
-        thought = list(trace["output_ids"])
-        if not thought or thought[-1] != call.close_id:
-            thought.append(call.close_id)  # ran out of budget: close it, as the frontend does
         member = copy.copy(obj)
-        member.text, member.input_ids = None, list(trace["prompt_token_ids"]) + thought
+        member.text = None
+        member.input_ids = list(trace["prompt_token_ids"]) + engine.closed(trace["output_ids"], call.close_id)
         member.rid = call.rid if j == 0 else f"{call.rid}-member-{j}"
         # The context already holds the whole thinking: with a --reasoning-parser, SGLang would
         # otherwise hold a response_format / tool grammar back until another </think>.
         member.require_reasoning = False
-        params = dict(obj.sampling_params or {})
-        entry = {"group": call.rid, "size": len(traces), "mode": call.config.mode, "weight": call.weights[j]}
-        if call.config.tau is not None:
-            entry["tau"] = call.config.tau
-        params["custom_params"] = {**(params.get("custom_params") or {}), KEY: entry}
-        member.sampling_params = params
+        member.sampling_params = engine.with_entry(obj.sampling_params, KEY, engine.member_entry(
+            call.rid, len(traces), call.config.mode, call.weights[j], call.config.tau))
         if j:
             member.stream, member.return_logprob, member.top_logprobs_num = False, False, 0
             member.return_prompt_token_ids = False
