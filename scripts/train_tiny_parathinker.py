@@ -36,11 +36,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import random
 import re
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +48,7 @@ import torch
 from torch import nn
 
 import train_tiny_reasoner as base
+from _training import add_run_args, train
 from sgl_merge.contract.parathink_layout import SUMMARY_CLOSE, SUMMARY_OPEN, THINK_CLOSE, THINK_OPEN, control_tokens
 from sgl_merge.models.parathinker import SEG_WEIGHT
 from sgl_merge.tiny_reasoner import parts, task
@@ -272,18 +271,12 @@ def main(argv=None) -> int:
     ap.add_argument("--base", type=Path, help="a plain tiny reasoner (train_tiny_reasoner.py's output)")
     ap.add_argument("--out", type=Path, default=task.MODEL_DIR)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--minutes", type=float, default=40.0, help="stop early after this long")
+    add_run_args(ap, steps=600, minutes=40.0, lr=1e-3, warmup=30, log_every=25)
     ap.add_argument("--plain-batch", type=int, default=32)
     ap.add_argument("--para-batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--parts-fraction", type=float, default=0.5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-problems", type=int, default=100)
     ap.add_argument("--no-eval", action="store_true")
-    ap.add_argument("--eval-only", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     heldout, heldout_parts = task.make_heldout(), parts.make_heldout()
@@ -318,19 +311,8 @@ def main(argv=None) -> int:
     slip = slip_rate(base_meta["uncertainty"], 0.7)
     para = ParaBatches(tok, args.seed, args.para_batch, exclude, args.parts_fraction, slip)
     print(f"vocab {len(tok)}  slip {slip:.4f}  example:\n{tok.decode(para.draw(2)[2]['ids'])}", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
 
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-    model.train()
-    t0, running, step = time.time(), None, 0
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+    def losses(step):
         ids, attn, target, soft = plain.next()
         loss_plain = base.loss_fn(model(input_ids=ids, attention_mask=attn).logits, ids, target, soft,
                                   plain.digit_ids, base_meta["uncertainty"])
@@ -339,28 +321,14 @@ def main(argv=None) -> int:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         segments.ids = None
         loss_para = base.loss_fn(logits, ids, target, soft, plain.digit_ids, base_meta["uncertainty"], labels)
-        loss = (loss_plain + loss_para) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        values = (loss_plain.item(), loss_para.item())
-        running = values if running is None else tuple(0.95 * r + 0.05 * v for r, v in zip(running, values))
-        elapsed = time.time() - t0
-        if step % args.log_every == 0 or step == args.steps - 1:
-            print(f"step {step:5d}/{args.steps}  loss plain {running[0]:.4f} parathink {running[1]:.4f}  "
-                  f"lr {lr_at(step):.2e}  {elapsed / 60:.1f} min", flush=True)
-        if elapsed > args.minutes * 60:
-            print(f"time cap of {args.minutes} min reached at step {step}", flush=True)
-            break
-    train_minutes = (time.time() - t0) / 60
-    print(f"trained {step + 1} steps in {train_minutes:.1f} min", flush=True)
-    model.eval()
+        return (loss_plain + loss_para) / 2, {"plain": loss_plain, "parathink": loss_para}
+
+    steps, train_minutes, running = train(model, args, losses)
     meta = {**{k: v for k, v in base_meta.items() if k != "eval"}, "base_eval": base_meta.get("eval"),
-            "parathinker": {"seed": args.seed, "steps": step + 1, "plain_batch": args.plain_batch,
+            "parathinker": {"seed": args.seed, "steps": steps, "plain_batch": args.plain_batch,
                             "para_batch": args.para_batch, "lr": args.lr, "paths": [2, PATHS],
                             "slip": round(slip, 4), "train_minutes": round(train_minutes, 1),
-                            "final_loss": {"plain": round(running[0], 4), "parathink": round(running[1], 4)}}}
+                            "final_loss": {name: round(value, 4) for name, value in running.items()}}}
     base.save(model, tok, args.out, meta, [THINK_OPEN, THINK_CLOSE, *CONTROLS])
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
     print(f"wrote {args.out} ({size / 1e6:.2f} MB)", flush=True)

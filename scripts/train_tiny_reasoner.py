@@ -30,16 +30,17 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
+from _training import add_run_args, add_shape_args, train
 from sgl_merge.tiny_models import CHAT_TEMPLATE, SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
 from sgl_merge.tiny_reasoner import parts, task
 
@@ -310,27 +311,16 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout-out", type=Path, default=None,
                     help="where to write the chain task's held-out set, the parts task's beside it "
                          "(default: next to the tasks, only when --out is the shipped model directory)")
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--minutes", type=float, default=28.0, help="stop early after this long")
+    add_run_args(ap, steps=1000, minutes=28.0, lr=3e-3, warmup=100, log_every=50)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--uncertainty", type=float, default=0.25,
                     help="probability mass the result-digit targets spread over wrong digits")
     ap.add_argument("--parts-fraction", type=float, default=0.5,
                     help="share of training problems from the parts task (the rest: the chain task)")
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--ffn-mult", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab-size", type=int, default=320)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--log-every", type=int, default=50)
+    add_shape_args(ap, vocab_size=320)
     ap.add_argument("--eval-problems", type=int, default=100)
     ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--no-eval", action="store_true")
-    ap.add_argument("--eval-only", action="store_true")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -358,44 +348,18 @@ def main(argv=None) -> int:
 
     batches = Batches(tok, args.seed, args.batch_size, {p["question"] for p in heldout + heldout_parts},
                       args.parts_fraction)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
 
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-    model.train()
-    t0 = time.time()
-    running = None
-    step = 0
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+    def losses(step):
         ids, attn, target, soft = batches.next()
         logits = model(input_ids=ids, attention_mask=attn).logits
         loss = loss_fn(logits, ids, target, soft, batches.digit_ids, args.uncertainty)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        elapsed = time.time() - t0
-        if step % args.log_every == 0 or step == args.steps - 1:
-            print(f"step {step:5d}/{args.steps}  loss {running:.4f}  lr {lr_at(step):.2e}  "
-                  f"{elapsed / 60:.1f} min", flush=True)
-        if elapsed > args.minutes * 60:
-            print(f"time cap of {args.minutes} min reached at step {step}", flush=True)
-            break
-    train_minutes = (time.time() - t0) / 60
-    print(f"trained {step + 1} steps in {train_minutes:.1f} min", flush=True)
+        return loss, {"loss": loss}
 
-    model.eval()
+    steps, train_minutes, running = train(model, args, losses)
     meta = {
-        "seed": args.seed, "steps": step + 1, "batch_size": args.batch_size, "lr": args.lr,
+        "seed": args.seed, "steps": steps, "batch_size": args.batch_size, "lr": args.lr,
         "uncertainty": args.uncertainty, "train_minutes": round(train_minutes, 1),
-        "final_loss": round(running, 4), "parts_fraction": args.parts_fraction,
+        "final_loss": round(running["loss"], 4), "parts_fraction": args.parts_fraction,
         "tasks": ["sgl_merge.tiny_reasoner.task", "sgl_merge.tiny_reasoner.parts"],
     }
     save(model, tok, args.out, meta)

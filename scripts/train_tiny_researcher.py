@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import random
 import sys
 import tempfile
@@ -74,6 +73,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch
 
+from _training import add_run_args, add_shape_args, train
 from sgl_merge.research import synthetic as syn
 from sgl_merge.research.agent import (
     ANSWER_CLOSE,
@@ -496,25 +496,14 @@ def main(argv=None) -> int:
                     help="weight of the auxiliary next-token loss on the history (question, calls, observations)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue from this saved model (a further stage; the record keeps the earlier ones)")
-    ap.add_argument("--steps", type=int, default=1700)
-    ap.add_argument("--minutes", type=float, default=23.5, help="stop early after this long")
+    add_run_args(ap, steps=1700, minutes=23.5, lr=3e-3, warmup=60, log_every=25)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=60)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--ffn-mult", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab-size", type=int, default=512)
+    add_shape_args(ap, vocab_size=512)
     ap.add_argument("--max-positions", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--check-questions", type=int, default=50)
     ap.add_argument("--check-samples", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--eval-only", action="store_true")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -560,19 +549,9 @@ def main(argv=None) -> int:
     order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
     buckets = [order[i: i + args.batch_size] for i in range(0, len(order) - args.batch_size + 1, args.batch_size)]
     queue: list[list[int]] = []
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
 
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-    model.train()
-    t0, running, running_aux, step = time.time(), None, None, 0
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+    def losses(step):
+        nonlocal queue
         if not queue:
             queue = buckets[:]
             rng.shuffle(queue)
@@ -580,27 +559,14 @@ def main(argv=None) -> int:
         logits = model(input_ids=ids, attention_mask=attn).logits.reshape(-1, len(tok))
         main_loss = torch.nn.functional.cross_entropy(logits, tgt.reshape(-1), ignore_index=-100)
         aux_loss = torch.nn.functional.cross_entropy(logits, aux.reshape(-1), ignore_index=-100)
-        loss = main_loss + args.history_weight * aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running = main_loss.item() if running is None else 0.95 * running + 0.05 * main_loss.item()
-        running_aux = aux_loss.item() if running_aux is None else 0.95 * running_aux + 0.05 * aux_loss.item()
-        elapsed = time.time() - t0
-        if step % args.log_every == 0 or step == args.steps - 1:
-            print(f"step {step:5d}/{args.steps}  loss {running:.4f}  history loss {running_aux:.4f}  lr {lr_at(step):.2e}  "
-                  f"{elapsed / 60:.1f} min", flush=True)
-        if elapsed > args.minutes * 60:
-            print(f"time cap of {args.minutes} min reached at step {step}", flush=True)
-            break
-    minutes = (time.time() - t0) / 60
-    model.eval()
-    meta = {"seed": args.seed, "steps": step + 1, "batch_size": args.batch_size, "lr": args.lr,
+        return main_loss + args.history_weight * aux_loss, {"loss": main_loss, "history loss": aux_loss}
+
+    steps, minutes, running = train(model, args, losses)
+    meta = {"seed": args.seed, "steps": steps, "batch_size": args.batch_size, "lr": args.lr,
             "slip": args.slip, "world_seeds": args.world_seeds, "questions_per_world": args.questions,
             "trajectories": len(trajs), "step_examples": len(examples),
             "max_example_tokens": max(lengths), "train_minutes": round(minutes, 1),
-            "final_loss": round(running, 4), "final_history_loss": round(running_aux, 4),
+            "final_loss": round(running["loss"], 4), "final_history_loss": round(running["history loss"], 4),
             "history_weight": args.history_weight, "params": n_params, "top_k": TOP_K,
             "system_prompt": SYSTEM_PROMPT, "grammar": grammar,
             "thinking": {"search": thinking_search("RELATION", "NAME"), "answer": thinking_answer("NAME")},
@@ -610,9 +576,9 @@ def main(argv=None) -> int:
         meta["init_from"] = str(args.init_from)
         meta["earlier_stages"] = earlier.pop("earlier_stages", []) + [earlier]
         meta["total_train_minutes"] = round(minutes + sum(e["train_minutes"] for e in meta["earlier_stages"]), 1)
-        meta["total_steps"] = step + 1 + sum(e["steps"] for e in meta["earlier_stages"])
+        meta["total_steps"] = steps + sum(e["steps"] for e in meta["earlier_stages"])
     save(model, tok, args.out, meta)
-    print(f"trained {step + 1} steps in {minutes:.1f} min; wrote {args.out}", flush=True)
+    print(f"wrote {args.out}", flush=True)
     if not args.no_check:
         meta["check"] = check(args.out, args.check_questions, args.check_samples, args.temperature, seed=args.seed)
         (args.out / RECORD).write_text(json.dumps(meta, indent=2) + "\n")
