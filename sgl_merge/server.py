@@ -1,5 +1,6 @@
 """Start, watch and stop an SGLang server with the sgl-merge plugin: used by `sgl-merge serve`,
-`sgl-merge demo` and the test fixtures.
+`sgl-merge demo` and the test fixtures (`sgl_merge.testing.ServeProcess` runs `sgl-merge serve`
+through this same `ServerProcess`).
 
 The server runs as `python -m sglang.launch_server` in its own process group, so stopping it (or
 Ctrl-C on the launcher) takes down the scheduler and detokenizer children too. Readiness means more
@@ -29,7 +30,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+import psutil
 import requests
 
 from sgl_merge import __version__
@@ -245,10 +248,14 @@ def plugin_status(url: str, timeout: float = 5.0, api_key: str | None = None) ->
 
 @dataclass
 class ServerProcess:
-    """A launched `sglang.launch_server` child with the plugin; use `start()` then `stop()`."""
+    """A server as a child process in its own process group: `start()` launches it and waits until it
+    is ready or dies, `stop()` ends it and every process it started. The child is SGLang's launcher
+    with the plugin, ready once its scheduler reports sgl-merge active; the test harness
+    (`sgl_merge.testing.ServeProcess`) runs `sgl-merge serve` through this same lifecycle and only
+    reads readiness from the command's log instead."""
 
     argv: list[str]
-    log_path: str | None = None
+    log_path: str | Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     url: str = ""
@@ -256,6 +263,14 @@ class ServerProcess:
     status: dict | None = None
     # What runs the server (the arguments follow): SGLang's launcher.
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "sglang.launch_server"])
+    # The process groups of the child and its descendants seen so far: `stop()` ends them all, so a
+    # child that starts its server in a session of its own (as `sgl-merge serve` does) leaves none.
+    groups: set[int] = field(default_factory=set, init=False, repr=False)
+
+    # How errors name the child, what they advise when it is slow, and how many log lines they quote.
+    what: ClassVar[str] = "SGLang server"
+    slow_hint: ClassVar[str] = f" (a large model's first start can take longer: raise {WAIT_FLAG})"
+    hint_lines: ClassVar[int] = 12
 
     @classmethod
     def prepare(cls, argv: list[str], log_path: str | None = None) -> "ServerProcess":
@@ -284,6 +299,8 @@ class ServerProcess:
                 self.proc = spawn(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None)
             live_servers[self.proc.pid] = self
             self._wait_ready(timeout, require_plugin, progress)
+            # Noted now, while the child runs: it may be gone by `stop()`, its server's group not.
+            self._note_groups(self.processes())
         except BaseException:
             self.stop()
             raise
@@ -294,33 +311,34 @@ class ServerProcess:
         deadline, next_report = start + timeout, start + PROGRESS_EVERY_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerStartError(
-                    f"SGLang server exited with code {self.proc.returncode} before it was ready"
-                    + self._log_hint(tail=True)
-                )
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.status = plugin_status(self.url, api_key=self.api_key)
-                    if not require_plugin or (self.status and self.status.get("active")):
-                        return
-                    raise ServerStartError(
-                        "SGLang server is up but sgl-merge is not active in its scheduler: "
-                        f"{(self.status or {}).get('error') or 'the plugin did not load'}. "
-                        "Check that sgl-merge is installed in this environment (pip install -e .) "
-                        "and that SGLANG_PLUGINS, if set, includes sgl_merge." + self._log_hint()
-                    )
-            except requests.RequestException:
-                pass
+                raise ServerStartError(f"{self.what} exited with code {self.proc.returncode} before it was ready"
+                                       + self._log_hint(tail=True))
+            if self._ready(require_plugin):
+                return
             if progress is not None and time.monotonic() >= next_report:
                 next_report += PROGRESS_EVERY_S
-                progress(time.monotonic() - start, self._last_log_line())
+                progress(time.monotonic() - start, (self._log_tail(1) or [None])[-1])
             time.sleep(0.5)
-        raise ServerStartError(f"SGLang server not ready after {timeout:.0f} s (a large model's first start can take "
-                               f"longer: raise {WAIT_FLAG})" + self._log_hint(tail=True))
+        raise ServerStartError(f"{self.what} not ready after {timeout:.0f} s{self.slow_hint}"
+                               + self._log_hint(tail=True))
 
-    def _last_log_line(self) -> str | None:
-        lines = self._log_tail(1)
-        return lines[-1] if lines else None
+    def _ready(self, require_plugin: bool) -> bool:
+        """/health answers and the scheduler reports sgl-merge active. A server that is up without
+        the plugin fails the start rather than being waited for: SGLang only logs a plugin's failure."""
+        try:
+            if requests.get(f"{self.url}/health", timeout=2).status_code != 200:
+                return False
+            self.status = plugin_status(self.url, api_key=self.api_key)
+        except requests.RequestException:
+            return False
+        if not require_plugin or (self.status and self.status.get("active")):
+            return True
+        raise ServerStartError(
+            "SGLang server is up but sgl-merge is not active in its scheduler: "
+            f"{(self.status or {}).get('error') or 'the plugin did not load'}. "
+            "Check that sgl-merge is installed in this environment (pip install -e .) "
+            "and that SGLANG_PLUGINS, if set, includes sgl_merge." + self._log_hint()
+        )
 
     def _log_tail(self, n: int) -> list[str]:
         """The last `n` non-empty lines of the server log (progress bars' carriage returns split)."""
@@ -338,31 +356,69 @@ class ServerProcess:
     def _log_hint(self, tail: bool = False) -> str:
         if not self.log_path:
             return ""
-        last = self._log_tail(12) if tail else []
+        last = self._log_tail(self.hint_lines) if tail else []
         return f" (server log: {self.log_path})" + ("; its last lines:\n  " + "\n  ".join(last) if last else "")
 
-    def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM the launcher (SGLang drains and stops its children), then SIGKILL whatever is
-        left of the process group, so no scheduler or detokenizer outlives the server. Interrupted
-        while it waits (a second Ctrl-C or signal), it SIGKILLs the group at once."""
-        if self.proc is None:
-            return
-        proc, pgid = self.proc, self.proc.pid
+    def processes(self) -> list[psutil.Process]:
+        """The live processes of this server: the child and all its descendants."""
         try:
+            root = psutil.Process(self.proc.pid)
+            return [p for p in (root, *root.children(recursive=True)) if _running(p)]
+        except psutil.Error:
+            return []
+
+    def _note_groups(self, procs: list[psutil.Process]) -> None:
+        for p in procs:
+            with contextlib.suppress(OSError):
+                self.groups.add(os.getpgid(p.pid))
+        self.groups.discard(os.getpgrp())  # never this process's own group
+
+    def _left(self, procs: list[psutil.Process]) -> list[int]:
+        """What is still running of `procs` and of the groups seen."""
+        return sorted({p.pid for p in procs if _running(p)} | {pid for g in self.groups for pid in group_members(g)})
+
+    def stop(self, grace: float = 20.0) -> list[int]:
+        """SIGTERM the child (SGLang's launcher drains and stops its children; `sgl-merge serve` stops
+        its server so), give it `grace` seconds to exit and as long again for every process of the
+        groups seen and of its tree to go, then SIGKILL whatever is left, so no scheduler or
+        detokenizer outlives the server. Returns the pids that were still there (killed now): a
+        leak, which the test harness reports. Interrupted while it waits (a second Ctrl-C or
+        signal), it SIGKILLs at once."""
+        if self.proc is None:
+            return []
+        proc, tree, left = self.proc, [], []
+        self.groups.add(proc.pid)
+        try:
+            tree = self.processes()
+            self._note_groups(tree)
             try:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
             deadline = time.monotonic() + grace
-            while group_members(pgid) and time.monotonic() < deadline:
+            while (left := self._left(tree)) and time.monotonic() < deadline:
                 time.sleep(0.2)
         finally:
-            kill_group(pgid)
+            for pgid in self.groups:
+                kill_group(pgid)
+            for p in tree:  # (one that left its group)
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
             proc.wait()
             self.proc = None
-            live_servers.pop(pgid, None)
-            stopped_groups.append(pgid)
+            self.groups.clear()  # (a later start's groups are its own; these pgids may be reused)
+            live_servers.pop(proc.pid, None)
+            stopped_groups.append(proc.pid)
+        return left
+
+
+def _running(p: psutil.Process) -> bool:
+    """Alive and not a zombie (one that ends meanwhile counts as gone)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _group_alive(pgid: int) -> bool:
