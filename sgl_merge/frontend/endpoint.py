@@ -11,7 +11,8 @@ the server never saw, so with a stock `RuntimeEndpoint` no server can find those
   having attended to the shared prefix and to itself only (what SGLang's parallel encoding means);
 - when the program ends, the sources are released (`/sgl_merge/release`).
 
-Everything else is SGLang's RuntimeEndpoint, unchanged.
+The join's requests, like every other sgl-merge request of its programs, go through the endpoint's
+`merge_backend` (`backend.MergeBackend`). Everything else is SGLang's RuntimeEndpoint, unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint as _SGLangRunti
 
 from sgl_merge import traces as engine
 from sgl_merge.contract.join import JOIN_KEY, POSITIONS
-from sgl_merge.frontend.merge import MergeError, _ensure, ServerClient
+from sgl_merge.frontend.backend import MergeBackend, MergeError, ServerClient
 
 DEFAULT_KEEP_TTL_S = 600.0
 
@@ -48,7 +49,8 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
     prefix and the longest fork) or "sequential" (after the whole concatenation); see docs/kv-join.md.
     `keep_ttl_s`: how long the server keeps a join's sources if the program never ends.
     `api_key`, `verify`, `chat_template_name`: SGLang's; the key goes with every request, and a server
-    that refuses it (or wants one) raises APIKeyError here.
+    that refuses it (or wants one) raises APIKeyError here. `merge_backend`: the endpoint's
+    sgl-merge requests (the server check here, the join's keeps and releases, and the program calls').
     """
 
     def __init__(self, base_url: str, api_key: str | None = None, verify: str | None = None,
@@ -58,8 +60,8 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
             raise MergeError(f"RuntimeEndpoint(positions={positions!r}): must be one of {list(POSITIONS)}")
         # Checked before SGLang's constructor, whose first request would report a refused key only as
         # {'error': 'Unauthorized'}.
-        self._server = ServerClient(base_url.rstrip("/"), api_key, verify)
-        _ensure(self._server)
+        self.merge_backend = MergeBackend.of(ServerClient(base_url.rstrip("/"), api_key, verify))
+        self.merge_backend.ensure()
         super().__init__(base_url, api_key, verify, chat_template_name)
         self.base_url = self.base_url.rstrip("/")
         self.positions = positions
@@ -94,21 +96,22 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
         shared = forks[0].text_[:start]
         joined_text = shared + "".join(f.text_[f.fork_start_text_pos:] for f in forks)
         # The shared prefix's length in tokens (cached by the forks' commits: a prefill of one token).
-        prefix = self._generate({"text": shared, "sampling_params": {"max_new_tokens": 0}}, "the forks' shared prefix")
+        prefix = self.merge_backend.generate({"text": shared, "sampling_params": {"max_new_tokens": 0}},
+                                             **_failure("the forks' shared prefix"))
         sources, owner = [], secrets.token_urlsafe(18)
         for fork in forks:
             rid = f"sgl-merge-fork-{uuid.uuid4().hex}"
             try:
-                self._generate({"text": fork.text_, "rid": rid, "sampling_params": engine.keep_params(owner, self.keep_ttl_s)},
-                               f"fork {fork.sid}")
+                self.merge_backend.keep({"text": fork.text_}, rid, owner, ttl_s=self.keep_ttl_s,
+                                        **_failure(f"fork {fork.sid}"))
             except MergeError:
-                self._release(sources, owner)
+                self.merge_backend.release(sources, owner)
                 raise
             sources.append(rid)
         old = self._joined.pop(dst_rid, None)
         self._joined[dst_rid] = _Joined(sources, owner, prefix["meta_info"]["prompt_tokens"], joined_text)
         if old is not None:
-            self._release(old.sources, old.owner)
+            self.merge_backend.release(old.sources, old.owner)
 
     def end_program(self, s):
         """SGLang calls this as soon as a program function returns, while the state's worker thread may
@@ -128,15 +131,9 @@ class RuntimeEndpoint(_SGLangRuntimeEndpoint):
             worker.join()
         joined = self._joined.pop(sid, None)
         if joined is not None:
-            self._release(joined.sources, joined.owner)
+            self.merge_backend.release(joined.sources, joined.owner)
 
-    def _generate(self, body: dict, what: str) -> dict:
-        r = self._server.post("/generate", body, timeout=None)
-        if r.status_code != 200:
-            raise MergeError(f"concate_and_append: keeping {what} for the KV join failed: HTTP {r.status_code}: "
-                             f"{r.text[:300]}")
-        return r.json()
 
-    def _release(self, rids: list[str], owner: str) -> None:
-        if rids:
-            self._server.post("/sgl_merge/release", {"rids": rids, "owner": owner}, timeout=30, check=False)
+def _failure(what: str) -> dict:
+    """How a refused request of the join reads (`MergeBackend.generate`'s `failed` and `shown`)."""
+    return {"failed": f"concate_and_append: keeping {what} for the KV join failed: HTTP", "shown": 300}

@@ -10,52 +10,21 @@ to itself only), its positions after the longest path (ParaThinker's convention;
 `<think1>` and `<summary>`) the paths are its numbered ones, `<think{i}>` ... `</think{i}>`, and the
 summary starts with `<summary>`: the method. On any other model the paths are `<think>` ...
 `</think>` and the summary starts with a newline: a join of plain traces, which is how to compare
-it with ThinkMerge (`think_merge`) on your model.
+it with ThinkMerge (`think_merge`) on your model. The paths, the keeps and the join are the
+backend's requests (`backend.MergeBackend.think`, `.join`).
 """
 
 from __future__ import annotations
 
-import secrets
 import uuid
 
-from sgl_merge.frontend.merge import (
-    DEFAULT_CLOSE,
-    DEFAULT_OPEN,
-    MergeError,
-    _append,
-    _backend,
-    _context,
-    _ensure,
-    _post,
-    _sampling,
-    ServerClient,
-    _think,
-    tokenize,
-    trace_counts,
-)
 from sgl_merge import traces as engine
-from sgl_merge.contract.join import JOIN_KEY, POSITIONS
-from sgl_merge.contract.parathink_layout import (PATH_CLOSE, PATH_OPEN, SUMMARY_PREFIX, find_control_ids, has_layout,
-                                                 path_logit_bias, summary_logit_bias)
-
-_controls: dict[str, dict[str, int]] = {}  # URL -> its model's ParaThinker control tokens, asked once
-
-
-def _single(server: ServerClient, key: str):
-    """The server's `single` (`sgl_merge.contract.parathink_layout`): the id of a text that is one
-    token, else None."""
-    def single(text):
-        ids = tokenize(server, text, key)
-        return ids[0] if len(ids) == 1 else None
-
-    return single
-
-
-def _control_ids(server: ServerClient, key: str) -> dict[str, int]:
-    """The server's ParaThinker control tokens (text -> id), so that no path samples another's."""
-    if server.url not in _controls:
-        _controls[server.url] = find_control_ids(_single(server, key))
-    return _controls[server.url]
+from sgl_merge.contract.join import POSITIONS
+from sgl_merge.contract.parathink_layout import (PATH_CLOSE, PATH_OPEN, SUMMARY_PREFIX, path_logit_bias,
+                                                 summary_logit_bias)
+from sgl_merge.frontend import state
+from sgl_merge.frontend.backend import MergeBackend, MergeError
+from sgl_merge.frontend.merge import DEFAULT_CLOSE, DEFAULT_OPEN, sampling_params, trace_counts
 
 
 def parathink(s, paths: int | None = None, *, first: int | None = None, n: int | None = None,
@@ -88,34 +57,32 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
     if summary_prefix is not None and not summary_prefix:
         raise MergeError('parathink: summary_prefix must be a non-empty text (the summary\'s first tokens, "\\n" '
                          "by default)")
-    sampling = _sampling(summary_sampling)
-    ex = s.stream_executor
-    ex.sync()
-    server = _backend([s])
-    _ensure(server)
+    sampling = sampling_params(summary_sampling)
+    ex = state.synced(s)
+    backend = MergeBackend.of_states([s])
     key = uuid.uuid4().hex  # one routing key: the paths and the summary share a worker's cache
     if think_open is None or summary_prefix is None:
-        layout = has_layout(_single(server, key))
+        layout = backend.has_layout(key)
         if think_open is None:
             think_open, think_close = (PATH_OPEN, PATH_CLOSE) if layout else (DEFAULT_OPEN, DEFAULT_CLOSE)
         if summary_prefix is None:
             summary_prefix = SUMMARY_PREFIX["parathinker" if layout and "{i}" in think_open else "plain"]
-    prompt_ids = _context(server, ex, key)
+    prompt_ids = backend.context(ex, key)
     numbered = "{i}" in think_open
     extra = None
     if numbered:  # ParaThinker's <think1> .. </think1>, <think2> ...: path i's own control tokens
         opens = [think_open.format(i=i + 1) for i in range(n)]
         closes = [think_close.format(i=i + 1) for i in range(n)]
-        controls = _control_ids(server, key)
+        controls = backend.control_ids(key)
         extra = [{"logit_bias": path_logit_bias(controls, i + 1)} for i in range(n)]
         sampling["logit_bias"] = {**(sampling.get("logit_bias") or {}), **summary_logit_bias(controls)}
     else:
         opened = ex.text_.rstrip().endswith(think_open)
         opens, closes = ["" if opened else think_open + "\n"] * n, [think_close] * n
-    open_ids = [tokenize(server, o, key) if o else [] for o in opens]
-    close_ids = [tokenize(server, c, key) for c in closes]
-    traces, outcome, launched = _think(server, key, [prompt_ids + o for o in open_ids], k, thinking_budget,
-                                       thinking_temperature, list(zip(closes, close_ids)), extra)
+    open_ids = [backend.tokenize(o, key) if o else [] for o in opens]
+    close_ids = [backend.tokenize(c, key) for c in closes]
+    traces, outcome, launched = backend.think(key, [prompt_ids + o for o in open_ids], k, thinking_budget,
+                                              thinking_temperature, list(zip(closes, close_ids)), extra)
     path_ids, texts = [], []
     for trace, i in zip(traces, launched):
         ids, text = list(trace["output_ids"]), trace["text"]
@@ -125,25 +92,12 @@ def parathink(s, paths: int | None = None, *, first: int | None = None, n: int |
             text += think_close
         path_ids.append(open_ids[i] + ids)
         texts.append(opens[i] + text)
-    # Keep each whole path, its closing token included (the trace's own KV lacks its last sampled
-    # token): a prefill of that token, the rest is in the radix cache from the trace.
-    sources, owner = [], secrets.token_urlsafe(18)
-    try:
-        for ids in path_ids:
-            rid = f"parathink-{uuid.uuid4().hex}"
-            _post(server, {"input_ids": prompt_ids + ids, "rid": rid, "sampling_params": engine.keep_params(owner)}, key)
-            sources.append(rid)
-        continuation = tokenize(server, summary_prefix, key)
-        sampling = engine.with_entry(sampling, JOIN_KEY, engine.join_entry(sources, owner, len(prompt_ids), positions))
-        out = _post(server, {"input_ids": continuation, "sampling_params": sampling}, key)
-    except MergeError:
-        if sources:  # the join never ran: let go of what was kept for it
-            server.post("/sgl_merge/release", {"rids": sources, "owner": owner}, route=key, timeout=30, check=False)
-        raise
-    ex.meta_info[f"{name}_traces"] = outcome
-    ex.meta_info[f"{name}_join"] = {"prompt_len": len(prompt_ids), "paths": path_ids, "continuation": continuation,
-                                    "positions": positions, "output_ids": out["output_ids"]}
-    ex.variables[f"{name}_thinking"] = texts
-    _append(ex, name, summary_prefix + out["text"], out["meta_info"])
-    ex.variables[name] = out["text"]
+    continuation, out = backend.join(key, prompt_ids, path_ids, summary_prefix, sampling, positions)
+    state.record(ex, meta={f"{name}_traces": outcome,
+                           f"{name}_join": {"prompt_len": len(prompt_ids), "paths": path_ids,
+                                            "continuation": continuation, "positions": positions,
+                                            "output_ids": out["output_ids"]}},
+                 variables={f"{name}_thinking": texts})
+    state.append(ex, name, summary_prefix + out["text"], out["meta_info"])
+    state.record(ex, variables={name: out["text"]})
     return out["text"]
