@@ -74,14 +74,14 @@ class TraceSet:
 
     def finish(self, i: int, result: dict | None, error: BaseException | str | None = None) -> None:
         """Trace `i` ended with `result` (its last output). Finished thinking: used, or unused when
-        enough finished first. Else (an `error`, no result, or an abort as its finish reason) it
-        failed, or, once enough had finished, it was aborted as no longer needed."""
+        enough finished first. Ended by an abort once enough had finished: aborted as no longer
+        needed. Else (an `error`, no result, an abort before that) it failed."""
         if error is None and result is not None and not aborted(result):
             self.outcomes[i] = UNUSED if self.enough else USED
             if not self.enough:
                 self.results[i] = result
                 self.order.append(i)
-        elif self.enough:
+        elif error is None and result is not None and self.enough:
             self.outcomes[i] = ABORTED
         else:
             self.outcomes[i] = FAILED

@@ -45,6 +45,10 @@ def test_the_first_k_to_finish_are_used_in_the_order_they_finished():
     assert traces.used == [3, 0]
     assert [traces.results[i]["text"] for i in traces.used] == ["c", "a"]
     assert traces.outcomes == [engine.USED, engine.FAILED, engine.ABORTED, engine.USED, engine.UNUSED]
+    late = engine.TraceSet(n=2, needed=1)
+    late.finish(0, done())
+    late.finish(1, None, ConnectionError("reset"))  # an error is a failure, also once enough finished
+    assert late.outcomes == [engine.USED, engine.FAILED]
 
 
 def test_errors_and_missing_results_are_failures():
