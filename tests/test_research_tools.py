@@ -185,6 +185,45 @@ def test_corpus_documents_by_url_or_docid(corpus_path):
     assert corpus.document("corpus://nope") is None
 
 
+def _results(corpus, queries=("who created Python", "largest glacier", "furry pets", "zebra")):
+    return [[(h.docid, h.url, h.snippet) for h in corpus.search(q, 3)] for q in queries]
+
+
+def test_corpus_index_is_saved_and_read_back(corpus_path, tmp_path):
+    cache = tmp_path / "cache"
+    fresh = LocalCorpus(corpus_path)
+    first = LocalCorpus(corpus_path, cache)
+    assert not first.index_loaded and first.index_path.parent == cache and first.index_path.is_dir()
+    assert [p.name for p in cache.iterdir()] == [first.index_path.name]  # no staging folder left
+    again = LocalCorpus(corpus_path, cache)
+    assert again.index_loaded and again.index_path == first.index_path
+    assert _results(again) == _results(first) == _results(fresh)
+    assert _results(fresh)[0][0][0] == "d2"
+    # Other bytes, another index: never one of a different corpus.
+    corpus_path.write_text(corpus_path.read_text() + json.dumps({"docid": "d4", "text": "Python snakes."}) + "\n")
+    changed = LocalCorpus(corpus_path, cache)
+    assert not changed.index_loaded and changed.index_path != first.index_path
+    assert {h.docid for h in changed.search("python", 5)} == {"d2", "d4"}
+
+
+def test_corpus_index_torn_or_unwritable_is_built_again(corpus_path, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    saved = LocalCorpus(corpus_path, cache).index_path
+    for f in saved.iterdir():
+        f.write_bytes(b"torn")
+    with caplog.at_level("WARNING", logger="sgl_merge"):
+        rebuilt = LocalCorpus(corpus_path, cache)
+    assert not rebuilt.index_loaded and "cannot be read" in caplog.text
+    assert _results(rebuilt) == _results(LocalCorpus(corpus_path))
+    assert LocalCorpus(corpus_path, cache).index_loaded  # saved over the torn one
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sgl_merge"):
+        uncached = LocalCorpus(corpus_path, blocked)
+    assert "could not save the BM25 index" in caplog.text and _results(uncached) == _results(rebuilt)
+
+
 @pytest.mark.parametrize("lines, message", [
     (['{"docid": "a", "text": "fine"}', "not json"], "line 2 is not JSON"),
     (['{"docid": "a", "text": "fine"}', "", '{"text": "no id"}'], "line 3 has no 'docid'"),

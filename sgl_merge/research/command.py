@@ -16,7 +16,7 @@ from sgl_merge.research.agent import SYSTEM_PROMPT, AgentConfig, ResearchAgent, 
 from sgl_merge.research.chat_agent import CHAT_SYSTEM_PROMPT, ChatResearchAgent
 from sgl_merge.research.extract import GoalExtractor
 from sgl_merge.research.mcp_tools import connect_mcp
-from sgl_merge.research.search import BACKENDS, SearchTool, make_backend
+from sgl_merge.research.search import BACKENDS, DEFAULT_INDEX_CACHE, SearchTool, make_backend
 from sgl_merge.research.tools import ToolConfigError, Toolset
 from sgl_merge.research.visit import VisitTool
 from sgl_merge.contract.merge import MODES
@@ -47,16 +47,17 @@ visit reads corpus pages offline and other URLs over HTTP (main text only), unle
 
 def build_toolset(search: str = "local", *, corpus: str | None = None, searxng_url: str | None = None,
                   serper_key: str | None = None, mcp: list[str] = (), visit: bool = True, top_k: int = 5,
-                  page_chars: int = 6000, extract=None) -> Toolset:
+                  page_chars: int = 6000, extract=None, index_cache: str | os.PathLike | None = None) -> Toolset:
     """The agent's tools as a command line names them (`extract`: visit's goal-directed reader,
-    e.g. a GoalExtractor); a configuration that cannot work raises ToolConfigError before the first
-    step."""
+    e.g. a GoalExtractor; `index_cache`: where a local corpus's BM25 index is kept between runs); a
+    configuration that cannot work raises ToolConfigError before the first step."""
     tools = []
     backend = None
     if search == "mcp" and not mcp:
         raise ToolConfigError("--search mcp takes its search tool from MCP servers: add --mcp SPEC")
     if search not in ("mcp", "none"):
-        backend = make_backend(search, corpus=corpus, searxng_url=searxng_url, serper_key=serper_key)
+        backend = make_backend(search, corpus=corpus, searxng_url=searxng_url, serper_key=serper_key,
+                               index_cache=index_cache)
         tools.append(SearchTool(backend, top_k=top_k))
     if visit:
         tools.append(VisitTool(backend if search == "local" else None, max_chars=page_chars, extract=extract))
@@ -74,6 +75,19 @@ def build_toolset(search: str = "local", *, corpus: str | None = None, searxng_u
     return Toolset(tools)
 
 
+def add_index_cache_args(p: argparse.ArgumentParser) -> None:
+    """`--index-cache DIR` / `--no-index-cache`: where a local corpus's BM25 index is kept between runs
+    (read with `index_cache`)."""
+    p.add_argument("--index-cache", type=Path, default=DEFAULT_INDEX_CACHE, metavar="DIR",
+                   help="keep the corpus's BM25 index here between runs, named by the corpus's SHA-256, so a "
+                        f"later run over the same file skips indexing (default {DEFAULT_INDEX_CACHE})")
+    p.add_argument("--no-index-cache", action="store_true", help="index the corpus afresh, save nothing")
+
+
+def index_cache(args: argparse.Namespace) -> Path | None:
+    return None if args.no_index_cache else args.index_cache
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgl-merge research", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=(*BACKENDS, "mcp", "none"), default="local",
                    help="search backend (default local); mcp: search comes with the --mcp servers' tools")
     p.add_argument("--corpus", help="--search local: the JSONL corpus")
+    add_index_cache_args(p)
     p.add_argument("--searxng-url", help="--search searxng: the instance, e.g. http://127.0.0.1:8888")
     p.add_argument("--serper-key", default=os.environ.get("SERPER_API_KEY"),
                    help="--search serper: the key (default $SERPER_API_KEY)")
@@ -174,7 +189,8 @@ def research(argv: list[str]) -> int:
     try:
         toolset = build_toolset(args.search, corpus=args.corpus, searxng_url=args.searxng_url,
                                 serper_key=args.serper_key, mcp=args.mcp, visit=not args.no_visit,
-                                top_k=args.top_k, page_chars=args.page_chars, extract=extract)
+                                top_k=args.top_k, page_chars=args.page_chars, extract=extract,
+                                index_cache=index_cache(args))
     except ToolConfigError as e:
         print(f"sgl-merge research: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from sgl_merge.evaluation.options import check_config, interrupted, parse_ks
 from sgl_merge.evaluation.runner import EvalError, append_results, done_keys, load_problems
 from sgl_merge.frontend.merge import MergeError, ServerClient, majority
 from sgl_merge.research.agent import SYSTEM_PROMPT, AgentConfig, ResearchAgent, Trace
-from sgl_merge.research.command import build_toolset
+from sgl_merge.research.command import add_index_cache_args, build_toolset, index_cache
 from sgl_merge.research.synthetic import CORPUS, HELDOUT, is_correct, normalize_answer
 from sgl_merge.research.tools import ToolConfigError
 from sgl_merge.server import running
@@ -55,10 +55,11 @@ class ResearchEvalConfig:
     system_prompt: str = SYSTEM_PROMPT
     concurrency: int = 8
 
-    def toolset(self, corpus: str | Path):
-        """Search over `corpus` (and visit its pages, unless `visit` is off), as configured."""
+    def toolset(self, corpus: str | Path, index_cache: Path | None = None):
+        """Search over `corpus` (and visit its pages, unless `visit` is off), as configured; the
+        corpus's index kept in `index_cache` where given."""
         return build_toolset("local", corpus=str(corpus), visit=self.visit, top_k=self.top_k,
-                             page_chars=self.page_chars)
+                             page_chars=self.page_chars, index_cache=index_cache)
 
     def agent(self, k: int) -> AgentConfig:
         return AgentConfig(k=k, max_steps=self.max_steps, think_tokens=self.think_tokens,
@@ -163,6 +164,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--task", choices=["research"], required=True)
     p.add_argument("--dataset", required=True, help="JSONL questions: question, answer")
     p.add_argument("--corpus", required=True, help="JSONL corpus: docid, title/url, text")
+    add_index_cache_args(p)
     p.add_argument("--url", help="an existing server started with sgl-merge serve (else one is started)")
     p.add_argument("--api-key", help="the --api-key the --url server was started with")
     p.add_argument("--model-path", help="start a server with this model instead")
@@ -190,7 +192,7 @@ def main(argv: list[str]) -> int:
                              system_prompt=args.system_prompt.read_text() if args.system_prompt else SYSTEM_PROMPT)
     try:
         problems = load_problems(args.dataset, "research", limit=args.limit)
-        toolset = cfg.toolset(args.corpus)
+        toolset = cfg.toolset(args.corpus, index_cache(args))
         check_config(args.out, asdict(cfg) | {"corpus": str(Path(args.corpus).resolve())},
                      str(Path(args.dataset).resolve()))
         with running(args.url, args.model_path) as url:
