@@ -192,8 +192,10 @@ def test_research_command_runs_and_writes_its_trace(server, corpus, tmp_path):
     system.write_text(SYSTEM)
     r = _research(QUESTION, "--url", server.url, "--k", "2", "--search", "local", "--corpus", str(corpus),
                   "--max-steps", "2", "--min-calls", "1", "--think-tokens", "16", "--answer-tokens", "8", "--page-chars", "200",
-                  "--system-prompt", str(system), "--seed", "3", "--out", str(tmp_path / "out"))
+                  "--system-prompt", str(system), "--seed", "3", "--out", str(tmp_path / "out"),
+                  "--index-cache", str(tmp_path / "bm25"))
     assert r.returncode in (0, 1), r.stderr
+    assert len(list((tmp_path / "bm25").iterdir())) == 1  # the corpus's index, kept for the next run
     assert "step 1: thinking ..." in r.stdout and "step 2: thinking (must answer now) ..." in r.stdout
     assert "branches agreed]\n    -> " in r.stdout and "trace: " in r.stdout
     trace = json.loads((tmp_path / "out" / "trace.json").read_text())
@@ -225,9 +227,10 @@ def test_eval_research_compares_single_vote_and_merge_and_resumes(server, tmp_pa
 
     argv = ["eval", "--task", "research", "--dataset", str(HELDOUT), "--corpus", str(CORPUS), "--url", server.url,
             "--limit", "2", "--k", "2", "--max-steps", "2", "--think-tokens", "8", "--answer-tokens", "6",
-            "--page-chars", "150", "--out", str(tmp_path / "out")]
+            "--page-chars", "150", "--index-cache", str(tmp_path / "bm25"), "--out", str(tmp_path / "out")]
     r = subprocess.run([sys.executable, "-m", "sgl_merge.cli", *argv], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "bm25").iterdir())) == 1
     for row in ("single", "vote@2", "merge@2", "merge@2 - vote@2"):
         assert f"\n{row} " in r.stdout, row
     assert "tool calls" in r.stdout and "prefilled" in r.stdout
