@@ -86,7 +86,7 @@ def _slots(members: list, device) -> torch.Tensor:
             fresh.append(_next_slot)
             _next_slot = (_next_slot + 1) % SLOTS
     if fresh:
-        stats[to_device(torch.tensor(fresh, dtype=torch.int64), device)] = 0
+        stats.index_fill_(0, to_device(torch.tensor(fresh, dtype=torch.int64), device), 0)
     return to_device(torch.tensor([r._sgl_merge_slot for r in members], dtype=torch.int64), device)
 
 
@@ -133,7 +133,8 @@ def build_map(reqs: list, device) -> MergeMap | None:
     members = [reqs[i] for i in member_rows]
     member_slots = _slots(members, device)
     row_slots = torch.full((len(reqs),), SPARE_SLOT, dtype=torch.int64, device=device)
-    row_slots[to_device(torch.tensor(member_rows, dtype=torch.int64), device)] = member_slots
+    # (index_copy_ / index_fill_ rather than indexed assignment: plain device work, never a host sync)
+    row_slots.index_copy_(0, to_device(torch.tensor(member_rows, dtype=torch.int64), device), member_slots)
     return MergeMap(
         reqs=list(reqs),
         group_rows=group_rows,
