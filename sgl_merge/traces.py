@@ -25,6 +25,7 @@ from sgl_merge import confidence
 from sgl_merge.contract.join import KEEP_KEY
 from sgl_merge.contract.merge import KEY
 from sgl_merge.contract.parathink_layout import PATH_CLOSE, PATH_OPEN, path_ids, path_logit_bias
+from sgl_merge.contract.think import needs_confidence
 
 # What became of a launched trace.
 USED = "merged"  # among the first k that finished thinking: it answers
@@ -150,10 +151,6 @@ class Choice:
 
     def dropped(self, n: int) -> list[int]:
         return [j for j in range(n) if j not in self.kept]
-
-
-def needs_confidence(weighting: str, keep: int | None) -> bool:
-    return weighting == "confidence" or keep is not None
 
 
 def choose(n: int, weighting: str = "uniform", keep: int | None = None,

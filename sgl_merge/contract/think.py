@@ -32,6 +32,12 @@ PARATHINK_DEFAULTS = {"paths": None, "first": None, "thinking_budget": 4096, "th
 LAYOUTS = ("auto", "parathinker", "plain")
 
 
+def needs_confidence(weighting: str, keep: int | None) -> bool:
+    """Whether a think_merge call scores its traces' confidence: to weight them by it, or to keep
+    only the most confident."""
+    return weighting == "confidence" or keep is not None
+
+
 class ThinkMergeError(ContractError):
     """Bad input for a think_merge or parathink call: a 400 whose message names the field (`field`,
     also `param`: the OpenAI error's)."""
@@ -62,7 +68,7 @@ class ThinkMergeConfig:
 
     @property
     def needs_confidence(self) -> bool:
-        return self.weighting == "confidence" or self.keep is not None
+        return needs_confidence(self.weighting, self.keep)
 
 
 @dataclass(frozen=True)

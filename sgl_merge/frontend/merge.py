@@ -25,6 +25,7 @@ from collections import Counter
 
 from sgl_merge import traces as engine
 from sgl_merge.contract.parathink_layout import THINK_CLOSE, THINK_OPEN
+from sgl_merge.contract.think import needs_confidence
 from sgl_merge.frontend import state
 from sgl_merge.frontend.backend import (ROUTING_HEADER, APIKeyError, MergeBackend, MergeError, ServerClient,
                                         api_key_message)
@@ -169,7 +170,7 @@ def think_merge(s, k: int | None = None, *, first: int | None = None, n: int | N
             if len(ids) > len(trace["output_ids"]):  # out of budget: closed here
                 trace["output_ids"], trace["text"] = ids, trace["text"] + think_close
     weights, meta = None, {}
-    if engine.needs_confidence(weighting, keep):
+    if needs_confidence(weighting, keep):
         choice = engine.choose(len(traces), weighting, keep,
                                backend.confidences(key, prompt_ids, generated, confidence_window))
         dropped = [launched[j] for j in choice.dropped(len(traces))]
