@@ -249,7 +249,7 @@ class MergeBackend:
         also where `/abort_request` is not served."""
         n = len(prompts)
         rids = [f"think-{uuid.uuid4().hex}" for _ in range(n)]
-        trace_set, done, ended, errors = engine.TraceSet(n, k), [False] * n, set(), []
+        trace_set, ended, errors = engine.TraceSet(n, k), set(), []
         cond, enough = threading.Condition(), threading.Event()
 
         def run(i):
@@ -265,7 +265,6 @@ class MergeBackend:
                     raise MergeError("a thinking trace's stream ended without output")
             except (MergeError, requests.RequestException) as e:
                 last, error = None, e
-            done[i] = True
             with cond:
                 trace_set.finish(i, last, error)
                 ended.add(i)
@@ -278,7 +277,7 @@ class MergeBackend:
         with cond:
             cond.wait_for(lambda: trace_set.enough or len(ended) == n)
             enough.set()
-            running = [rid for rid, finished in zip(rids, done) if not finished]
+            running = [rid for i, rid in enumerate(rids) if i not in ended]
         for rid in running:
             self.abort(rid, key)
         for t in threads:
