@@ -96,12 +96,11 @@ class LocalCorpus(SearchBackend):
         self.path = Path(path)
         self.documents, digest = _load_corpus(self.path)
         self._by_key = {d.url: d for d in self.documents} | {d.docid: d for d in self.documents}
-        self._tokenizer = bm25s.tokenization.Tokenizer(stopwords="en")
         self.index_path = (None if index_cache is None else
                            Path(index_cache) / f"{digest}-bm25s-{bm25s.__version__}-v{INDEX_FORMAT}")
         self.index_loaded = self._load_index()
         if not self.index_loaded:
-            self._index = bm25s.BM25()
+            self._tokenizer, self._index = _tokenizer(), bm25s.BM25()
             # As a Tokenized (ids with their string vocabulary): the index then keys its vocabulary
             # by word, which is what bm25s can save.
             tokens = self._tokenizer.tokenize([f"{d.title}\n{d.text}" for d in self.documents], show_progress=False,
@@ -110,22 +109,23 @@ class LocalCorpus(SearchBackend):
             self._save_index()
 
     def _load_index(self) -> bool:
+        """Take the saved index and its tokenizer vocabulary, where `index_path` holds a readable one
+        of this corpus."""
         if self.index_path is None or not self.index_path.is_dir():
             return False
+        tokenizer = _tokenizer()
         try:
             index = bm25s.BM25.load(str(self.index_path), show_progress=False)
-            self._tokenizer.load_vocab(str(self.index_path))
+            tokenizer.load_vocab(str(self.index_path))
         except (OSError, ValueError, KeyError) as e:  # unreadable or torn: built again, and saved over
             logger.warning("sgl-merge: the saved BM25 index %s cannot be read (%s); indexing %s again",
                            self.index_path, e, self.path)
-            self._tokenizer = bm25s.tokenization.Tokenizer(stopwords="en")
             return False
         if index.scores.get("num_docs") != len(self.documents):
             logger.warning("sgl-merge: the saved BM25 index %s does not fit %s; indexing it again",
                            self.index_path, self.path)
-            self._tokenizer = bm25s.tokenization.Tokenizer(stopwords="en")
             return False
-        self._index = index
+        self._tokenizer, self._index = tokenizer, index
         return True
 
     def _save_index(self) -> None:
@@ -163,6 +163,11 @@ class LocalCorpus(SearchBackend):
     @staticmethod
     def _hit(doc: _Document, terms: set[str]) -> Hit:
         return Hit(doc.title, doc.url, _snippet(doc.text, terms), doc.docid)
+
+
+def _tokenizer() -> bm25s.tokenization.Tokenizer:
+    """The corpus's and its queries' tokenizer (part of what `INDEX_FORMAT` numbers)."""
+    return bm25s.tokenization.Tokenizer(stopwords="en")
 
 
 def _load_corpus(path: Path) -> tuple[list[_Document], str]:
