@@ -26,6 +26,13 @@ def add_run_args(ap: argparse.ArgumentParser, *, steps: int, minutes: float, lr:
     ap.add_argument("--eval-only", action="store_true", help="only evaluate the saved model")
 
 
+def parse_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The script's arguments, with `--threads` applied to torch."""
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def add_shape_args(ap: argparse.ArgumentParser, *, vocab_size: int) -> None:
     """The model's shape: a small Qwen2 (128 wide, 4 layers, 4 heads, 2 KV heads, FFN 2x wide)."""
     ap.add_argument("--hidden", type=int, default=128)

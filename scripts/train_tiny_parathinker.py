@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import train_tiny_reasoner as base
-from _training import add_run_args, train
+from _training import add_run_args, parse_args, train
 from sgl_merge.contract.parathink_layout import SUMMARY_CLOSE, SUMMARY_OPEN, THINK_CLOSE, THINK_OPEN, control_tokens
 from sgl_merge.models.parathinker import SEG_WEIGHT
 from sgl_merge.tiny_reasoner import parts, task
@@ -277,8 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts-fraction", type=float, default=0.5)
     ap.add_argument("--eval-problems", type=int, default=100)
     ap.add_argument("--no-eval", action="store_true")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(ap, argv)
     heldout, heldout_parts = task.make_heldout(), parts.make_heldout()
     meta_path = args.out / "sgl_merge_tiny_reasoner.json"
 

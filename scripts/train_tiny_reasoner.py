@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
-from _training import add_run_args, add_shape_args, train
+from _training import add_run_args, add_shape_args, parse_args, train
 from sgl_merge.tiny_models import CHAT_TEMPLATE, SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
 from sgl_merge.tiny_reasoner import parts, task
 
@@ -321,9 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-problems", type=int, default=100)
     ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--no-eval", action="store_true")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
 
-    torch.set_num_threads(args.threads)
     heldout = task.make_heldout()
     heldout_parts = parts.make_heldout()
 

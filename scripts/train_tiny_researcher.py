@@ -73,7 +73,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch
 
-from _training import add_run_args, add_shape_args, train
+from _training import add_run_args, add_shape_args, parse_args, train
 from sgl_merge.research import synthetic as syn
 from sgl_merge.research.agent import (
     ANSWER_CLOSE,
@@ -504,9 +504,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-samples", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--no-check", action="store_true")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
 
-    torch.set_num_threads(args.threads)
     if args.eval_only:
         res = check(args.out, args.check_questions, args.check_samples, args.temperature, seed=args.seed)
         path = args.out / RECORD
